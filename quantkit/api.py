@@ -1,0 +1,98 @@
+"""The Python API the CLI calls: one public function per verb."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifact import Artifact
+from .formats import ConvertOptions, get_format
+from .profile.corpus import default_texts
+from .progress import Progress
+from .recipe import Recipe, parse_recipe
+from .source import resolve_source
+from .verify import FLOAT_KLD_LIMITS, Reference, verify_artifact
+
+__all__ = ["convert", "ConvertResult", "DEFAULT_RECIPES"]
+
+DEFAULT_RECIPES = ("gguf:q4_k_m",)
+
+
+@dataclass
+class ConvertResult:
+    source: dict[str, Any]
+    artifacts: list[Artifact] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "artifacts": [
+                {
+                    "recipe": a.recipe,
+                    "path": str(a.path),
+                    "file": str(a.main_file),
+                    "file_bytes": a.file_bytes,
+                    "verification": a.manifest["details"].get("verification"),
+                }
+                for a in self.artifacts
+            ],
+            "elapsed_s": round(self.elapsed_s, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def convert(
+    source: str | Path | None = None,
+    to: Iterable[str | Recipe] = DEFAULT_RECIPES,
+    out_dir: str | Path = "quantkit-out",
+    *,
+    verify: bool = True,
+    verify_texts: dict[str, str] | None = None,
+    verify_tokens: int = 2048,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert ``source`` (HF folder, hub id, .gguf file, or None for the embedded default model)
+    into one artifact per recipe under ``out_dir``; verify each before it is renamed into place."""
+    start = time.perf_counter()
+    recipes = list(dict.fromkeys(parse_recipe(r) if isinstance(r, str) else r for r in to))
+    src = resolve_source(source, allow_pickle=allow_pickle)
+    progress = progress or Progress(False)
+    checker = None
+    if verify:
+        reference = Reference(src.path, threads=threads) if src.kind == "hf" else None
+        texts = verify_texts or default_texts()
+
+        def checker(artifact: Artifact) -> dict:
+            scheme = artifact.manifest["recipe"]["scheme"]
+            with progress.task(f"verifying {artifact.main_file.name}"):
+                return verify_artifact(
+                    artifact,
+                    reference,
+                    texts,
+                    kld_limit=FLOAT_KLD_LIMITS.get(scheme),
+                    max_tokens=verify_tokens,
+                    threads=threads,
+                )
+
+    options = ConvertOptions(threads=threads, progress=progress, verify=checker)
+    result = ConvertResult(source=src.to_manifest())
+    by_format: dict[str, list[Recipe]] = {}
+    for recipe in recipes:
+        by_format.setdefault(recipe.format, []).append(recipe)
+    for fmt, group in by_format.items():
+        result.artifacts += get_format(fmt).convert(src, group, Path(out_dir), options)
+    result.elapsed_s = time.perf_counter() - start
+    result.peak_rss_bytes = _peak_rss_bytes()
+    return result

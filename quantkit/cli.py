@@ -1,0 +1,122 @@
+"""The quantkit command line: parse, call one API function, render. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .errors import QuantkitError
+
+__all__ = ["cli", "main"]
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantkit")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Convert open-weight LLMs to GGUF, GPTQ and ONNX; profile them; gate releases."""
+    ctx.obj = {"debug": debug, "quiet": quiet}
+
+
+@cli.command()
+@click.argument("source", required=False)
+@click.option("--to", "recipes", multiple=True, metavar="RECIPE", help="Output recipe, e.g. gguf:q4_k_m (repeatable). Default: gguf:q4_k_m.")
+@click.option("-o", "--out", "out_dir", default="quantkit-out", show_default=True, help="Folder for the artifacts.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check tokenization and logits of each output against the source.")
+@click.option("--verify-text", "verify_files", multiple=True, type=click.Path(), help="Text file(s) for verification (default: quantkit's own en/zh texts).")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt pickle weights (they can run code when loaded).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads for quantization and verification.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+@click.pass_context
+def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, threads, as_json):
+    """Convert SOURCE (HF folder, hub id or .gguf file; default: the embedded Gemma 3 270M)."""
+    from .api import DEFAULT_RECIPES
+    from .api import convert as run_convert
+    from .profile.corpus import read_texts
+    from .progress import Progress
+
+    quiet = ctx.obj["quiet"] or as_json
+    result = run_convert(
+        source,
+        recipes or DEFAULT_RECIPES,
+        out_dir,
+        verify=verify,
+        verify_texts=read_texts(list(verify_files)) if verify_files else None,
+        allow_pickle=allow_pickle,
+        threads=threads,
+        progress=Progress(None if not quiet else False),
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    _render_convert(result)
+
+
+def _render_convert(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"quantkit convert: {result.source['id']}")
+    for col in ("recipe", "file", "size", "tokenization", "KLD mean", "top-1"):
+        table.add_column(col, justify="right" if col in ("size", "KLD mean", "top-1") else "left")
+    for a in result.artifacts:
+        v = a.manifest["details"].get("verification") or {}
+        tok = ", ".join(f"{k} {d['tokens']} ok" for k, d in v.get("tokenization", {}).items()) or "-"
+        kld = f"{v['kld_mean']:.2e}" if "kld_mean" in v else "-"
+        top1 = f"{v['top1_agreement']:.3f}" if "top1_agreement" in v else "-"
+        table.add_row(a.recipe, str(a.main_file), _human_bytes(a.file_bytes), tok, kld, top1)
+    console = Console()
+    console.print(table)
+    console.print(f"done in {result.elapsed_s:.1f} s, peak RSS {_human_bytes(result.peak_rss_bytes)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: map quantkit errors to one-line messages and exit codes."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code  # 2 for usage errors
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted; no partial artifact was kept", err=True)
+        return 130
+    except QuantkitError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except Exception as exc:  # an internal failure: one line unless --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Output formats, found through a registry keyed by the recipe prefix (``FORMATS["gguf"]``).
+
+A format module subclasses :class:`Format` and registers itself with ``@register_format``;
+adding a format is one module plus one import line in ``_BUILTIN``. The core never names one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import RecipeError
+
+__all__ = ["FORMATS", "Format", "ConvertOptions", "register_format", "get_format"]
+
+FORMATS: dict[str, Format] = {}
+_BUILTIN = ("quantkit.formats.gguf",)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Settings shared by every format's convert step."""
+
+    threads: int | None = None
+    progress: Any = field(default=None, compare=False)  # a quantkit.progress.Progress
+    # called with each finished-but-not-yet-renamed artifact; may raise to reject it, and
+    # returns figures recorded in the manifest under details["verification"]
+    verify: Callable[[Any], dict] | None = field(default=None, compare=False)
+
+
+class Format:
+    """The small interface every output format implements."""
+
+    name: ClassVar[str]
+
+    def parse_recipe(self, scheme: str):
+        """Validate the part after 'FORMAT:' and return a Recipe."""
+        raise NotImplementedError
+
+    def convert(self, source, recipes: Sequence, out_dir: Path, options: ConvertOptions) -> list:
+        """Produce one artifact per recipe from ``source`` under ``out_dir``."""
+        raise NotImplementedError
+
+
+def register_format(cls: type[Format]) -> type[Format]:
+    FORMATS[cls.name] = cls()
+    return cls
+
+
+def get_format(name: str) -> Format:
+    if not FORMATS:
+        for module in _BUILTIN:
+            importlib.import_module(module)
+    try:
+        return FORMATS[name]
+    except KeyError:
+        known = ", ".join(sorted(FORMATS))
+        raise RecipeError(f"unknown format {name!r}; known formats: {known}") from None

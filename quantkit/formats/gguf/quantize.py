@@ -1,0 +1,75 @@
+"""llama.cpp quantization of a GGUF file through llama-cpp-python's ``llama_model_quantize``."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+
+from ...errors import ConversionError
+
+__all__ = ["QUANT_SCHEMES", "quantize_gguf"]
+
+F = gguf.LlamaFileType
+# recipe scheme -> llama.cpp file type. I-quants below 4 bits need an importance matrix and
+# are left out until quantkit computes one.
+QUANT_SCHEMES: dict[str, gguf.LlamaFileType] = {
+    "f32": F.ALL_F32,
+    "f16": F.MOSTLY_F16,
+    "bf16": F.MOSTLY_BF16,
+    "q8_0": F.MOSTLY_Q8_0,
+    "q6_k": F.MOSTLY_Q6_K,
+    "q5_k_m": F.MOSTLY_Q5_K_M,
+    "q5_k_s": F.MOSTLY_Q5_K_S,
+    "q5_1": F.MOSTLY_Q5_1,
+    "q5_0": F.MOSTLY_Q5_0,
+    "q4_k_m": F.MOSTLY_Q4_K_M,
+    "q4_k_s": F.MOSTLY_Q4_K_S,
+    "q4_1": F.MOSTLY_Q4_1,
+    "q4_0": F.MOSTLY_Q4_0,
+    "iq4_nl": F.MOSTLY_IQ4_NL,
+    "iq4_xs": F.MOSTLY_IQ4_XS,
+    "q3_k_l": F.MOSTLY_Q3_K_L,
+    "q3_k_m": F.MOSTLY_Q3_K_M,
+    "q3_k_s": F.MOSTLY_Q3_K_S,
+    "q2_k": F.MOSTLY_Q2_K,
+}
+# llama.cpp logs "[  12/ 236]  blk.0.attn_k.weight - ..." once per tensor
+_TENSOR_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
+
+
+def quantize_gguf(
+    src: Path,
+    dst: Path,
+    scheme: str,
+    *,
+    threads: int | None = None,
+    advance: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Quantize ``src`` into ``dst`` with llama.cpp; a non-zero return is a ConversionError."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if advance and _TENSOR_LINE.search(text or b""):
+            advance(1)
+        if log and text:
+            log(text.decode("utf-8", "replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(QUANT_SCHEMES[scheme])
+    params.nthread = threads or os.cpu_count() or 1
+    params.allow_requantize = True  # a quantized GGUF source may be re-quantized
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    if rc != 0 or not dst.is_file():
+        raise ConversionError(f"llama.cpp failed to quantize {src.name} to {scheme} (code {rc}); rerun with --debug for its log")

@@ -1,0 +1,1 @@
+"""Measurement code, format-agnostic: quality, latency, memory."""

@@ -1,0 +1,31 @@
+"""Runtimes that load an artifact and score tokens, keyed by artifact format (``RUNTIMES["gguf"]``).
+
+Each runtime exposes ``tokenize(text) -> list[int]`` and ``logits(tokens) -> ndarray[n, vocab]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["RUNTIMES", "register_runtime", "get_runtime"]
+
+RUNTIMES: dict[str, Any] = {}
+_BUILTIN = ("quantkit.runtimes.llamacpp",)
+
+
+def register_runtime(fmt: str):
+    def wrap(cls):
+        RUNTIMES[fmt] = cls
+        return cls
+
+    return wrap
+
+
+def get_runtime(fmt: str):
+    if not RUNTIMES:
+        for module in _BUILTIN:
+            importlib.import_module(module)
+    if fmt not in RUNTIMES:
+        raise KeyError(f"no runtime for format {fmt!r}; known: {', '.join(sorted(RUNTIMES))}")
+    return RUNTIMES[fmt]

@@ -1,0 +1,252 @@
+"""Resolve what the user named (HF folder, hub id, GGUF file, or nothing) into a validated Source.
+
+Weights are read from safetensors (memory-mapped, one tensor at a time) or GGUF. Pickle
+checkpoints (.bin/.pt/.pth) execute code when loaded, so they are refused unless the caller
+passes ``allow_pickle=True``; even then they are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .artifact import sha256_file
+from .errors import PickleRefusedError, SourceError
+
+__all__ = ["Source", "TensorInfo", "resolve_source", "DEFAULT_SOURCE_ID"]
+
+DEFAULT_SOURCE_ID = "embedded:gemma-3-270m"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_MAX_HEADER_BYTES = 100 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: F32, F16, BF16, ...
+    file: Path
+
+
+@dataclass
+class Source:
+    """A validated model source. ``kind`` is 'hf' (a checkpoint folder) or 'gguf' (one file)."""
+
+    kind: str
+    path: Path
+    id: str
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    weight_format: str = "safetensors"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over the config, tokenizer and weight files' own sha256s."""
+        if self.kind == "gguf":
+            return sha256_file(self.path)
+        digest = hashlib.sha256()
+        files = {"config.json"} | {t.file.name for t in self.tensors.values()}
+        files |= {n for n in _TOKENIZER_FILES if (self.path / n).exists()}
+        for name in sorted(files):
+            digest.update(f"{name}\0{sha256_file(self.path / name)}\n".encode())
+        return digest.hexdigest()
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {t.dtype for t in self.tensors.values()}
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "fingerprint": self.fingerprint}
+
+    @contextlib.contextmanager
+    def open_tensors(self) -> Iterator[TensorReader]:
+        """Open the weight files for streaming reads: ``reader.get(name)`` loads one tensor."""
+        with contextlib.ExitStack() as stack:
+            yield TensorReader(self, stack)
+
+
+class TensorReader:
+    """Loads one tensor at a time from memory-mapped safetensors (or a pickle, if allowed)."""
+
+    def __init__(self, source: Source, stack: contextlib.ExitStack):
+        self._source = source
+        self._stack = stack
+        self._handles: dict[Path, Any] = {}
+
+    def get(self, name: str):
+        info = self._source.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = self._open(info.file)
+        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+
+    def _open(self, file: Path):
+        if self._source.weight_format == "pickle":
+            return _load_pickle(file)
+        from safetensors import safe_open
+
+        try:
+            return self._stack.enter_context(safe_open(str(file), framework="pt"))
+        except Exception as exc:  # safetensors raises its own error types
+            raise SourceError(f"{file}: cannot read safetensors file: {exc}") from exc
+
+
+def _load_pickle(file: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise SourceError(f"{file}: cannot load pickle checkpoint: {exc}") from exc
+    return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def resolve_source(
+    spec: str | os.PathLike | None,
+    *,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> Source:
+    """Turn a path, hub id or None (the embedded default model) into a validated Source."""
+    if spec is None or str(spec) == DEFAULT_SOURCE_ID:
+        from .embedded import default_model_dir
+
+        return _hf_source(default_model_dir(), DEFAULT_SOURCE_ID, allow_pickle=False)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _gguf_source(path)
+    if path.is_dir():
+        return _hf_source(path, str(spec), allow_pickle=allow_pickle)
+    if _HUB_ID.match(str(spec)) and not str(spec).startswith((".", "/")):
+        repo, _, rev = str(spec).partition("@")
+        folder = _download(repo, rev or revision, allow_pickle=allow_pickle)
+        return _hf_source(folder, str(spec), allow_pickle=allow_pickle)
+    raise SourceError(f"{spec}: no such file or folder, and not a hub id of the form org/name")
+
+
+def _download(repo_id: str, revision: str | None, *, allow_pickle: bool) -> Path:
+    """Fetch a checkpoint from the hub (or the HF cache); weights as safetensors unless allowed."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+    if allow_pickle:
+        patterns += [f"*{s}" for s in _PICKLE_SUFFIXES]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise SourceError(
+            f"{repo_id}: not in the Hugging Face cache and {why}; download it first or pass a local folder"
+        ) from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
+        raise SourceError(f"{repo_id}: {type(exc).__name__} from the hub ({str(exc).splitlines()[0]})") from exc
+    except OSError as exc:
+        raise SourceError(f"{repo_id}: download failed: {exc}") from exc
+
+
+def _hf_source(folder: Path, source_id: str, *, allow_pickle: bool) -> Source:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{folder}: no config.json; not a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{config_path}: not valid JSON ({exc})") from exc
+    tensors, weight_format = _index_weights(folder, allow_pickle=allow_pickle)
+    name = source_id.split(":", 1)[-1].rstrip("/").split("/")[-1] or folder.name
+    return Source("hf", folder, source_id, name, config, tensors, weight_format)
+
+
+def _index_weights(folder: Path, *, allow_pickle: bool) -> tuple[dict[str, TensorInfo], str]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{index}: malformed safetensors index ({exc})") from exc
+        files = sorted({folder / f for f in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if files:
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            if not file.is_file():
+                raise SourceError(f"{file}: listed in the safetensors index but missing")
+            for name, meta in _read_safetensors_header(file).items():
+                tensors[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], file)
+        return tensors, "safetensors"
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if not pickles:
+        raise SourceError(f"{folder}: no weights found (*.safetensors, or pickle files with --allow-pickle)")
+    if not allow_pickle:
+        raise PickleRefusedError(
+            f"{folder}: only pickle weights ({pickles[0].name}); pickles can run code when loaded, "
+            "pass --allow-pickle if you trust this checkpoint"
+        )
+    tensors = {}
+    for file in pickles:
+        for name, tensor in _load_pickle(file).items():
+            if hasattr(tensor, "shape"):
+                dtype = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+                tensors[name] = TensorInfo(name, tuple(tensor.shape), dtype.get(str(tensor.dtype), str(tensor.dtype)), file)
+    return tensors, "pickle"
+
+
+def _read_safetensors_header(file: Path) -> dict[str, Any]:
+    """Parse and check a safetensors header; a truncated or corrupt file is a SourceError."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise SourceError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+        header_bytes = int.from_bytes(head, "little")
+        if header_bytes > min(size - 8, _MAX_HEADER_BYTES):
+            raise SourceError(f"{file}: corrupt or truncated safetensors file (header length {header_bytes} > file size)")
+        try:
+            header = json.loads(fh.read(header_bytes))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{file}: corrupt safetensors header ({exc.__class__.__name__})") from exc
+    header.pop("__metadata__", None)
+    try:
+        data_end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
+    except (TypeError, KeyError, IndexError) as exc:
+        raise SourceError(f"{file}: corrupt safetensors header (bad tensor entry)") from exc
+    if 8 + header_bytes + data_end != size:
+        raise SourceError(
+            f"{file}: truncated or corrupt safetensors file (expected {8 + header_bytes + data_end} bytes, found {size})"
+        )
+    return header
+
+
+def _gguf_source(path: Path) -> Source:
+    from .formats.gguf.writer import read_gguf_summary
+
+    if path.suffix != ".gguf":
+        raise SourceError(f"{path}: a file source must be a .gguf file (or pass a checkpoint folder)")
+    summary = read_gguf_summary(path)
+    return Source("gguf", path, str(path), path.stem, config=summary, weight_format="gguf")

@@ -1,0 +1,123 @@
+"""Built-in verification of a converted artifact against its source model.
+
+Checks, in order: the artifact loads in its runtime; the runtime tokenizes each evaluation text
+exactly as the source's HF tokenizer does; and, on windows of the first text, the runtime's
+next-token distributions match the float32 transformers model (mean KL divergence). Float
+outputs must stay under a tight KLD limit; quantized outputs report their KLD for information.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import Artifact
+from .errors import VerificationError
+from .profile.quality import kl_divergence, top1_agreement
+from .runtimes import get_runtime
+from .runtimes.torch import TorchReference
+
+__all__ = ["Reference", "verify_artifact", "FLOAT_KLD_LIMITS"]
+
+# mean KLD (nats) a lossless or near-lossless output must stay under
+FLOAT_KLD_LIMITS = {"f32": 1e-3, "f16": 1e-3, "bf16": 5e-3}
+
+
+@dataclass
+class Reference:
+    """The source model in float32, loaded on first use; its logits are cached per window."""
+
+    folder: Path
+    threads: int | None = None
+    _model: TorchReference | None = None
+    _cache: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
+
+    @property
+    def model(self) -> TorchReference:
+        if self._model is None:
+            self._model = TorchReference(self.folder, threads=self.threads)
+        return self._model
+
+    def logits(self, window: list[int]) -> np.ndarray:
+        key = tuple(window)
+        if key not in self._cache:
+            self._cache[key] = self.model.logits(window)
+        return self._cache[key]
+
+
+def _windows(tokens: list[int], bos: int | None, ctx: int, max_tokens: int) -> list[list[int]]:
+    step = ctx - (1 if bos is not None else 0)
+    windows, used = [], 0
+    for start in range(0, len(tokens), step):
+        if used >= max_tokens:
+            break
+        body = tokens[start : start + min(step, max_tokens - used)]
+        if len(body) < 2:
+            break
+        windows.append(([bos] if bos is not None else []) + body)
+        used += len(windows[-1])
+    return windows
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def verify_artifact(
+    artifact: Artifact,
+    reference: Reference | None,
+    texts: dict[str, str],
+    *,
+    kld_limit: float | None,
+    ctx: int = 512,
+    max_tokens: int = 2048,
+    threads: int | None = None,
+) -> dict:
+    """Verify one artifact; raise VerificationError on a failed check, return the figures."""
+    runtime_cls = get_runtime(artifact.manifest["recipe"]["format"])
+    runtime = runtime_cls(artifact.main_file, n_ctx=ctx, threads=threads)
+    result: dict = {"tokenization": {}, "kld_limit": kld_limit}
+    try:
+        if reference is None:
+            result["logits"] = "not compared: the source has no HF checkpoint to run as reference"
+            return result
+        hf_tok = reference.model
+        for name, text in texts.items():
+            ours, theirs = runtime.tokenize(text), hf_tok.tokenize(text)
+            if ours != theirs:
+                i = _first_difference(ours, theirs)
+                raise VerificationError(
+                    f"{artifact.path.name}: llama.cpp tokenizes the {name} text differently from the HF "
+                    f"tokenizer at token {i} of {len(theirs)} (llama.cpp {ours[i:i + 4]} vs HF {theirs[i:i + 4]})"
+                )
+            result["tokenization"][name] = {"tokens": len(theirs), "match": True}
+        first = next(iter(texts.values()))
+        bos = runtime.bos_id if runtime.add_bos else None
+        windows = _windows(hf_tok.tokenize(first), bos, ctx, max_tokens)
+        klds, agree, n = [], [], 0
+        for window in windows:
+            ref = reference.logits(window)
+            out = runtime.logits(window)
+            klds.append(kl_divergence(ref, out))
+            agree.append(top1_agreement(ref, out) * len(window))
+            n += len(window)
+        kld = np.concatenate(klds)
+        result.update(
+            tokens_scored=n,
+            kld_mean=float(kld.mean()),
+            kld_max=float(kld.max()),
+            top1_agreement=float(sum(agree) / n),
+        )
+        if kld_limit is not None and result["kld_mean"] > kld_limit:
+            raise VerificationError(
+                f"{artifact.path.name}: llama.cpp logits differ from transformers: mean KLD "
+                f"{result['kld_mean']:.2e} > {kld_limit:.0e} over {n} tokens"
+            )
+        return result
+    finally:
+        runtime.close()
