@@ -59,6 +59,7 @@ def convert(
     verify: bool = True,
     verify_texts: dict[str, str] | None = None,
     verify_tokens: int = 2048,
+    verify_ctx: int = 512,
     allow_pickle: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
@@ -71,7 +72,7 @@ def convert(
     progress = progress or Progress(False)
     checker = None
     if verify:
-        reference = Reference(src.path, threads=threads) if src.kind == "hf" else None
+        reference = Reference(src.path, threads=threads, allow_pickle=src.weight_format == "pickle") if src.kind == "hf" else None
         texts = verify_texts or default_texts()
 
         def checker(artifact: Artifact) -> dict:
@@ -83,6 +84,7 @@ def convert(
                     texts,
                     kld_limit=FLOAT_KLD_LIMITS.get(scheme),
                     max_tokens=verify_tokens,
+                    ctx=verify_ctx,
                     threads=threads,
                 )
 

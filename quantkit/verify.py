@@ -31,13 +31,14 @@ class Reference:
 
     folder: Path
     threads: int | None = None
+    allow_pickle: bool = False
     _model: TorchReference | None = None
     _cache: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
 
     @property
     def model(self) -> TorchReference:
         if self._model is None:
-            self._model = TorchReference(self.folder, threads=self.threads)
+            self._model = TorchReference(self.folder, threads=self.threads, allow_pickle=self.allow_pickle)
         return self._model
 
     def logits(self, window: list[int]) -> np.ndarray:
@@ -92,7 +93,7 @@ def verify_artifact(
             if ours != theirs:
                 i = _first_difference(ours, theirs)
                 raise VerificationError(
-                    f"{artifact.path.name}: llama.cpp tokenizes the {name} text differently from the HF "
+                    f"{artifact.main_file.name}: llama.cpp tokenizes the {name} text differently from the HF "
                     f"tokenizer at token {i} of {len(theirs)} (llama.cpp {ours[i:i + 4]} vs HF {theirs[i:i + 4]})"
                 )
             result["tokenization"][name] = {"tokens": len(theirs), "match": True}
@@ -115,7 +116,7 @@ def verify_artifact(
         )
         if kld_limit is not None and result["kld_mean"] > kld_limit:
             raise VerificationError(
-                f"{artifact.path.name}: llama.cpp logits differ from transformers: mean KLD "
+                f"{artifact.main_file.name}: llama.cpp logits differ from transformers: mean KLD "
                 f"{result['kld_mean']:.2e} > {kld_limit:.0e} over {n} tokens"
             )
         return result

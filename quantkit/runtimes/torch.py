@@ -10,9 +10,9 @@ __all__ = ["TorchReference"]
 
 
 class TorchReference:
-    """Loads weights from safetensors only (``use_safetensors=True``), never remote code."""
+    """Loads weights from safetensors (pickles only when the user allowed them), never remote code."""
 
-    def __init__(self, folder: Path, threads: int | None = None):
+    def __init__(self, folder: Path, threads: int | None = None, allow_pickle: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,7 +20,7 @@ class TorchReference:
             torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=True
+            folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=not allow_pickle
         ).eval()
 
     def tokenize(self, text: str) -> list[int]:

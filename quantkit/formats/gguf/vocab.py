@@ -112,6 +112,10 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> GGUFVocab:
         if not tok_json:
             raise TokenizerError(f"{folder}: no tokenizer (tokenizer.json or a SentencePiece tokenizer.model)")
         vocab = _vocab_from_tokenizer_json(tok_json)
+    elif tok_json:
+        # tokenizer.json is what transformers runs: its Metaspace/Prepend rule decides the
+        # leading space even when pieces and scores come from tokenizer.model
+        vocab.add_space_prefix = _prepends_space(tok_json)
     _set_specials(vocab, folder, tok_json, tok_config, config)
     vocab.chat_template = _chat_template(folder, tok_config)
     vocab_size = int(config.get("vocab_size") or len(vocab.tokens))

@@ -1,0 +1,72 @@
+"""HF -> GGUF on tiny models of every architecture, checked against transformers by llama.cpp."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+
+from quantkit.api import convert
+from quantkit.artifact import sha256_file
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "llama3"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float_gguf_matches_transformers(arch, tiny_model, tmp_path, verify_texts):
+    result = convert(tiny_model(arch), ["gguf:f32", "gguf:f16", "gguf:q8_0"], tmp_path, verify_texts=verify_texts, verify_tokens=1024)
+    by_recipe = {a.recipe: a for a in result.artifacts}
+    for recipe in ("gguf:f32", "gguf:f16"):
+        v = by_recipe[recipe].manifest["details"]["verification"]
+        assert v["tokens_scored"] >= 1000
+        assert v["kld_mean"] < 1e-3, (recipe, v)
+        assert v["tokenization"]["en"]["match"] and v["tokenization"]["zh"]["match"]
+    # f32 is bit-exact with the float32 reference up to kernel rounding: much tighter than f16
+    assert by_recipe["gguf:f32"].manifest["details"]["verification"]["kld_mean"] < 1e-5
+    q8 = by_recipe["gguf:q8_0"].manifest["details"]["verification"]
+    assert 0 < q8["kld_mean"] < 0.05
+
+
+def test_tensor_types_and_metadata(tiny_model, tmp_path):
+    art = convert(tiny_model("qwen3"), ["gguf:f16"], tmp_path, verify=False).artifacts[0]
+    reader = gguf.GGUFReader(art.main_file)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16"
+    assert types["blk.0.attn_norm.weight"] == "F32"  # 1-D tensors stay F32
+    assert reader.fields["qwen3.attention.key_length"].contents() == 32
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert "im_start" in reader.fields["tokenizer.chat_template"].contents()
+    manifest = json.loads((art.path / "manifest.json").read_text())
+    assert manifest["files"][0]["sha256"] == sha256_file(art.main_file)
+    assert manifest["recipe"] == {"format": "gguf", "scheme": "f16", "options": {}}
+
+
+def test_same_input_same_bytes(tiny_model, tmp_path):
+    a = convert(tiny_model("llama"), ["gguf:f16", "gguf:q4_0"], tmp_path / "a", verify=False).artifacts
+    b = convert(tiny_model("llama"), ["gguf:f16", "gguf:q4_0"], tmp_path / "b", verify=False).artifacts
+    for x, y in zip(a, b):
+        assert sha256_file(x.main_file) == sha256_file(y.main_file)
+        assert (x.path / "manifest.json").read_bytes() == (y.path / "manifest.json").read_bytes()
+
+
+def test_sharded_checkpoint_converts_identically(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model("qwen2")
+    sharded = tmp_path / "sharded" / src.name  # same folder name: general.name is the same
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(src).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    one = convert(src, ["gguf:f16"], tmp_path / "one", verify=False).artifacts[0]
+    many = convert(sharded, ["gguf:f16"], tmp_path / "many", verify=False).artifacts[0]
+    assert sha256_file(one.main_file) == sha256_file(many.main_file)
+
+
+def test_gguf_source_is_requantized(tiny_model, tmp_path):
+    f16 = convert(tiny_model("llama"), ["gguf:f16"], tmp_path / "a", verify=False).artifacts[0]
+    q = convert(f16.main_file, ["gguf:q4_0", "gguf:q8_0"], tmp_path / "b").artifacts
+    types = {a.recipe: gguf.GGUFReader(a.main_file).fields["general.file_type"].contents() for a in q}
+    assert types == {"gguf:q4_0": int(gguf.LlamaFileType.MOSTLY_Q4_0), "gguf:q8_0": int(gguf.LlamaFileType.MOSTLY_Q8_0)}
+    assert q[0].manifest["source"]["kind"] == "gguf"
+    assert q[0].file_bytes < f16.file_bytes
