@@ -63,7 +63,7 @@ def _windows(tokens: list[int], bos: int | None, ctx: int, max_tokens: int) -> l
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return min(len(a), len(b))

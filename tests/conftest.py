@@ -4,7 +4,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from tiny_models import TOKENIZER_FOR, build_tiny_model, shared_text, train_byte_bpe, train_spm
 
 

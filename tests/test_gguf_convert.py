@@ -45,7 +45,7 @@ def test_tensor_types_and_metadata(tiny_model, tmp_path):
 def test_same_input_same_bytes(tiny_model, tmp_path):
     a = convert(tiny_model("llama"), ["gguf:f16", "gguf:q4_0"], tmp_path / "a", verify=False).artifacts
     b = convert(tiny_model("llama"), ["gguf:f16", "gguf:q4_0"], tmp_path / "b", verify=False).artifacts
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert sha256_file(x.main_file) == sha256_file(y.main_file)
         assert (x.path / "manifest.json").read_bytes() == (y.path / "manifest.json").read_bytes()
 
