@@ -1,0 +1,67 @@
+"""The real Gemma 3 270M (embedded default model): tokenizer, F16 logits, quantized outputs."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+
+from quantkit.api import convert
+from quantkit.embedded import default_gguf_path, default_model_dir
+from tiny_models import shared_text
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma_dir():
+    return default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return {"en": shared_text("tinyshakespeare-en.txt", 60_000), "zh": shared_text("hongloumeng-zh.txt", 30_000)}
+
+
+def test_rebuilt_tokenizer_matches_llamacpp(gemma_dir, texts):
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(gemma_dir)
+    llm = llama_cpp.Llama(str(default_gguf_path()), vocab_only=True, verbose=False)
+    for text in texts.values():
+        ours = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours
+    assert hf("Hello world")["input_ids"] == [2, 9259, 1902]  # <bos> Hello ▁world
+
+
+@pytest.fixture(scope="module")
+def converted(gemma_dir, texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemma-out")
+    result = convert(None, ["gguf:f16", "gguf:q8_0", "gguf:q4_k_m"], out, verify_texts=texts, verify_tokens=2048)
+    return {a.recipe: a for a in result.artifacts}
+
+
+def test_f16_matches_transformers_on_2048_tokens(converted):
+    v = converted["gguf:f16"].manifest["details"]["verification"]
+    assert v["tokens_scored"] >= 2048
+    assert v["kld_mean"] < 1e-3
+    assert v["tokenization"]["en"]["match"] and v["tokenization"]["zh"]["match"]
+    assert v["tokenization"]["en"]["tokens"] > 10_000
+
+
+def test_quantized_outputs_are_smaller_and_close(converted):
+    f16, q8, q4 = (converted[r] for r in ("gguf:f16", "gguf:q8_0", "gguf:q4_k_m"))
+    assert q4.file_bytes < q8.file_bytes < f16.file_bytes
+    for art in (q8, q4):
+        v = art.manifest["details"]["verification"]
+        assert 0 < v["kld_mean"] < 0.1 and v["top1_agreement"] > 0.85
+        assert v["kld_limit"] is None  # quantized outputs report KLD, they are not held to F16's limit
+    ftype = gguf.GGUFReader(q4.main_file).fields["general.file_type"].contents()
+    assert ftype == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+
+
+def test_packaged_gguf_requantizes(tmp_path):
+    art = convert(default_gguf_path(), ["gguf:q4_0"], tmp_path).artifacts[0]
+    assert art.manifest["source"]["kind"] == "gguf"
+    assert "not compared" in art.manifest["details"]["verification"]["logits"]
+    assert gguf.GGUFReader(art.main_file).fields["general.architecture"].contents() == "gemma3"
