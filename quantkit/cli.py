@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted; no partial artifact was kept", err=True)
         return 130
+    except OSError as exc:  # full disk, permissions: the OS's own words, one line
+        if debug:
+            traceback.print_exc()
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        return 1
     except QuantkitError as exc:
         if debug:
             traceback.print_exc()

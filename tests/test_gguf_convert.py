@@ -70,3 +70,36 @@ def test_gguf_source_is_requantized(tiny_model, tmp_path):
     assert types == {"gguf:q4_0": int(gguf.LlamaFileType.MOSTLY_Q4_0), "gguf:q8_0": int(gguf.LlamaFileType.MOSTLY_Q8_0)}
     assert q[0].manifest["source"]["kind"] == "gguf"
     assert q[0].file_bytes < f16.file_bytes
+
+
+def test_every_listed_quant_type_loads(tiny_model, tmp_path):
+    """Each recipe in the table gives a file llama.cpp reports with the matching file type."""
+    import llama_cpp
+
+    from quantkit.formats.gguf.quantize import QUANT_SCHEMES
+
+    recipes = [f"gguf:{s}" for s in QUANT_SCHEMES]
+    arts = convert(tiny_model("qwen2"), recipes, tmp_path, verify=False).artifacts
+    assert [a.recipe for a in arts] == recipes
+    for art in arts:
+        reader = gguf.GGUFReader(art.main_file)
+        assert reader.fields["general.file_type"].contents() == int(QUANT_SCHEMES[art.manifest["recipe"]["scheme"]])
+        llm = llama_cpp.Llama(str(art.main_file), n_ctx=64, verbose=False)
+        assert llm.n_vocab() == reader.fields["tokenizer.ggml.tokens"].data.__len__()
+        llm.close()
+
+
+def test_full_disk_is_one_line_error(tiny_model, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import quantkit.formats.gguf as gguf_format
+    from quantkit.cli import main
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+
+    monkeypatch.setattr(gguf_format, "quantize_gguf", no_space)
+    code = main(["-q", "convert", str(tiny_model("llama")), "--to", "gguf:q4_0", "-o", str(tmp_path / "out"), "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and "No space left on device" in err and err.count("\n") == 1
+    assert not any((tmp_path / "out").iterdir())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gguf
 import pytest
+from tiny_models import shared_text
 
 from quantkit.api import convert
 from quantkit.embedded import default_gguf_path, default_model_dir
-from tiny_models import shared_text
 
 pytestmark = pytest.mark.slow
 
