@@ -17,7 +17,7 @@ from .recipe import Recipe, parse_recipe
 from .source import resolve_source
 from .verify import FLOAT_KLD_LIMITS, Reference, verify_artifact
 
-__all__ = ["convert", "ConvertResult", "DEFAULT_RECIPES"]
+__all__ = ["convert", "profile", "ConvertResult", "DEFAULT_RECIPES"]
 
 DEFAULT_RECIPES = ("gguf:q4_k_m",)
 
@@ -98,3 +98,46 @@ def convert(
     result.elapsed_s = time.perf_counter() - start
     result.peak_rss_bytes = _peak_rss_bytes()
     return result
+
+
+def _reference_for(manifest: dict | None, reference: str | Path | None, threads: int | None) -> Reference:
+    from .errors import InputError
+
+    if reference is None:
+        src_info = (manifest or {}).get("source") or {}
+        if src_info.get("kind") != "hf":
+            raise InputError("this artifact has no HF source recorded; pass --reference SOURCE (an HF checkpoint)")
+        reference = src_info["id"]
+    src = resolve_source(reference)
+    if src.kind != "hf":
+        raise InputError(f"{reference}: the reference must be an HF checkpoint, not a GGUF file")
+    recorded = ((manifest or {}).get("source") or {}).get("fingerprint")
+    if recorded and recorded != src.fingerprint:
+        raise InputError(f"{reference}: its fingerprint differs from the one the artifact was built from")
+    return Reference(src.path, source=src, threads=threads)
+
+
+def profile(
+    artifact: str | Path,
+    *,
+    reference: str | Path | None = None,
+    eval_data: list[str] | None = None,
+    ctx: int = 512,
+    chunks: int | None = None,
+    threads: int | None = None,
+    quality: bool = True,
+    latency: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Measure quality loss against the reference, latency and memory of one artifact, here."""
+    from .embedded import cache_dir
+    from .profile.corpus import load_eval_data
+    from .profile.run import locate_artifact, profile_artifact
+
+    _fmt, _main, manifest = locate_artifact(Path(artifact))
+    ref = _reference_for(manifest, reference, threads) if quality else None
+    texts = load_eval_data(eval_data) if quality else {}
+    return profile_artifact(
+        Path(artifact), ref, texts, ctx=ctx, chunks=chunks, threads=threads, latency=latency,
+        cache_dir=cache_dir() / "reference", progress=progress,
+    )

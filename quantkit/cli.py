@@ -84,6 +84,32 @@ def _render_convert(result) -> None:
     console.print(f"done in {result.elapsed_s:.1f} s, peak RSS {_human_bytes(result.peak_rss_bytes)}")
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--reference", default=None, help="HF checkpoint to compare against (default: the artifact's recorded source).")
+@click.option("--eval-data", default="en,zh,code", show_default=True, help="Comma-separated domains (en, zh, code), files, or wikitext-2-raw-v1.")
+@click.option("--ctx", "ctx_len", type=click.IntRange(16), default=512, show_default=True, help="Window length in tokens; the second half of each is scored.")
+@click.option("--chunks", type=click.IntRange(1), default=None, help="At most N windows per domain.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads (default: all cores).")
+@click.option("--no-latency", is_flag=True, help="Skip the latency/memory subprocess.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the JSON report here.")
+@click.pass_context
+def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_latency, json_path):
+    """Measure ARTIFACT's quality loss, latency and memory on this host."""
+    from .api import profile as run_profile
+    from .progress import Progress
+    from .report.render import profile_table, write_json
+
+    report = run_profile(
+        artifact, reference=reference, eval_data=[s for s in eval_data.split(",") if s],
+        ctx=ctx_len, chunks=chunks, threads=threads, latency=not no_latency,
+        progress=Progress(False if ctx.obj["quiet"] else None),
+    )
+    if json_path:
+        write_json(report, json_path)
+    profile_table(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: map quantkit errors to one-line messages and exit codes."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

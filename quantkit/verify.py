@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,7 @@ class Reference:
     """The source model in float32, loaded on first use; its logits are cached per window."""
 
     folder: Path
+    source: Any = None  # the quantkit Source it came from (fingerprint for caches)
     threads: int | None = None
     allow_pickle: bool = False
     _model: TorchReference | None = None
@@ -40,6 +42,9 @@ class Reference:
         if self._model is None:
             self._model = TorchReference(self.folder, threads=self.threads, allow_pickle=self.allow_pickle)
         return self._model
+
+    def logits_uncached(self, window: list[int]) -> np.ndarray:
+        return self.model.logits(window)
 
     def logits(self, window: list[int]) -> np.ndarray:
         key = tuple(window)

@@ -1,19 +1,32 @@
-"""Evaluation text: the small texts packaged with quantkit, or files the user names."""
+"""Evaluation text by domain: quantkit's own short texts (en, zh), Python standard-library
+source (code), files the user names, or a hub dataset through ``datasets``."""
 
 from __future__ import annotations
 
+import sysconfig
 from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["default_texts", "read_texts"]
+__all__ = ["DEFAULT_DOMAINS", "default_texts", "code_text", "read_texts", "load_eval_data"]
+
+DEFAULT_DOMAINS = ("en", "zh", "code")
+# small, stable, pure-Python standard-library modules: the "code" domain on every machine
+_CODE_MODULES = ("textwrap.py", "heapq.py", "bisect.py", "fractions.py", "statistics.py", "json/decoder.py")
+_HUB_DATASETS = {"wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1", "test", "text")}
 
 
 def default_texts() -> dict[str, str]:
     """quantkit's own short English and Chinese texts (written for this package)."""
     data = resources.files("quantkit") / "data"
     return {lang: (data / f"eval-{lang}.txt").read_text(encoding="utf-8") for lang in ("en", "zh")}
+
+
+def code_text(max_chars: int = 120_000) -> str:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts = [(stdlib / name).read_text(encoding="utf-8") for name in _CODE_MODULES if (stdlib / name).is_file()]
+    return "\n\n".join(parts)[:max_chars]
 
 
 def read_texts(paths: list[str | Path]) -> dict[str, str]:
@@ -24,4 +37,36 @@ def read_texts(paths: list[str | Path]) -> dict[str, str]:
             texts[p.stem] = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{p}: cannot read evaluation text ({exc})") from exc
+    return texts
+
+
+def _hub_dataset(name: str) -> str:
+    repo, config, split, column = _HUB_DATASETS[name]
+    try:
+        import datasets
+    except ImportError as exc:
+        raise InputError(f"evaluation data {name!r} needs the 'datasets' package (pip install datasets)") from exc
+    try:
+        rows = datasets.load_dataset(repo, config, split=split)
+    except Exception as exc:  # offline, missing, or a hub error: one line
+        raise InputError(f"evaluation data {name!r} could not be loaded ({type(exc).__name__}); pass a text file instead") from exc
+    return "".join(rows[column])
+
+
+def load_eval_data(spec: list[str] | None = None) -> dict[str, str]:
+    """Resolve domain names (en, zh, code), files and known hub datasets into texts by domain."""
+    builtin = default_texts()
+    texts: dict[str, str] = {}
+    for item in spec or list(DEFAULT_DOMAINS):
+        if item in builtin:
+            texts[item] = builtin[item]
+        elif item == "code":
+            texts["code"] = code_text()
+        elif item in _HUB_DATASETS:
+            texts[item] = _hub_dataset(item)
+        elif Path(item).exists():
+            texts.update(read_texts([item]))
+        else:
+            known = ", ".join([*DEFAULT_DOMAINS, *_HUB_DATASETS])
+            raise InputError(f"evaluation data {item!r} is neither a domain ({known}) nor a file")
     return texts

@@ -1,20 +1,24 @@
-"""Quality-loss metrics between a reference model's logits and an artifact's, per token."""
+"""Quality-loss metrics between a reference model and an artifact, per token and aggregated."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["kl_divergence", "top1_agreement"]
+from .reference import ReferenceScores, log_softmax, score_start
+
+__all__ = ["kl_divergence", "top1_agreement", "kld_from_topk", "summarize", "score_artifact_window"]
 
 
 def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray, chunk_rows: int = 64) -> np.ndarray:
-    """KL(P_ref || Q) in nats for each row, computed in float64 chunks to bound memory."""
+    """Exact KL(P_ref || Q) in nats for each row, computed in float64 chunks to bound memory."""
     if reference_logits.shape != logits.shape:
         raise ValueError(f"logit shapes differ: {reference_logits.shape} vs {logits.shape}")
     out = np.empty(reference_logits.shape[0], dtype=np.float64)
     for start in range(0, reference_logits.shape[0], chunk_rows):
-        p = _log_softmax(reference_logits[start : start + chunk_rows])
-        q = _log_softmax(logits[start : start + chunk_rows])
+        p = log_softmax(reference_logits[start : start + chunk_rows])
+        q = log_softmax(logits[start : start + chunk_rows])
         out[start : start + chunk_rows] = np.sum(np.exp(p) * (p - q), axis=-1)
     return np.maximum(out, 0.0)
 
@@ -23,7 +27,46 @@ def top1_agreement(reference_logits: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(reference_logits.argmax(-1) == logits.argmax(-1)))
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+def kld_from_topk(ref_ids: np.ndarray, ref_logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    """KL(P||Q) from P's top-k plus one bucket for the rest of P's mass (a tight lower bound)."""
+    p = np.exp(ref_logp.astype(np.float64))
+    q_top = np.take_along_axis(logq, ref_ids.astype(np.int64), axis=-1)
+    head = np.sum(p * (ref_logp - q_top), axis=-1)
+    p_rest = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
+    q_rest = np.clip(1.0 - np.exp(q_top).sum(-1), 1e-30, 1.0)
+    tail = np.where(p_rest > 1e-12, p_rest * (np.log(np.maximum(p_rest, 1e-30)) - np.log(q_rest)), 0.0)
+    return np.maximum(head + tail, 0.0)
+
+
+def score_artifact_window(logits: np.ndarray, window: list[int], ref: ReferenceScores, offset: int) -> dict[str, np.ndarray]:
+    """Per-position KLD, top-1 match and NLL for one window against reference rows at ``offset``."""
+    score_from = score_start(window)
+    logq = log_softmax(logits[score_from : len(window) - 1])
+    n = logq.shape[0]
+    ids, lp = ref.topk_ids[offset : offset + n], ref.topk_logp[offset : offset + n]
+    nxt = np.asarray(window[score_from + 1 :])
+    return {
+        "kld": kld_from_topk(ids, lp, logq),
+        "top1": (logq.argmax(-1) == ids[:, 0]).astype(np.float64),
+        "nll": -logq[np.arange(n), nxt],
+        "ref_nll": -ref.target_logp[offset : offset + n].astype(np.float64),
+    }
+
+
+def summarize(parts: list[dict[str, np.ndarray]]) -> dict[str, float | int]:
+    """Aggregate per-position arrays into the report's quality keys."""
+    kld = np.concatenate([p["kld"] for p in parts])
+    nll = np.concatenate([p["nll"] for p in parts])
+    ref_nll = np.concatenate([p["ref_nll"] for p in parts])
+    top1 = np.concatenate([p["top1"] for p in parts])
+    ppl, ppl_ref = math.exp(float(nll.mean())), math.exp(float(ref_nll.mean()))
+    return {
+        "tokens": int(kld.size),
+        "kld_mean": float(kld.mean()),
+        "kld_p99": float(np.percentile(kld, 99)),
+        "kld_max": float(kld.max()),
+        "top1_agreement": float(top1.mean()),
+        "ppl": ppl,
+        "ppl_reference": ppl_ref,
+        "ppl_delta_pct": 100.0 * (ppl - ppl_ref) / ppl_ref,
+    }

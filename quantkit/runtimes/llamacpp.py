@@ -17,16 +17,18 @@ __all__ = ["LlamaCppRuntime"]
 class LlamaCppRuntime:
     """A GGUF model loaded for scoring: all positions' logits are kept (logits_all)."""
 
-    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True):
         import llama_cpp
+        from llama_cpp import _logger
 
+        _logger.set_verbose(False)  # llama.cpp's load-time notices are not for our users
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=n_ctx,
                 n_ubatch=n_ctx,
-                logits_all=True,
+                logits_all=logits_all,
                 n_threads=threads or os.cpu_count(),
                 seed=0,
                 verbose=False,
@@ -34,6 +36,10 @@ class LlamaCppRuntime:
         except (ValueError, RuntimeError) as exc:
             raise VerificationError(f"llama.cpp could not load {path}: {exc}") from exc
         self.n_ctx = n_ctx
+
+    @staticmethod
+    def import_library() -> None:
+        import llama_cpp  # noqa: F401
 
     @property
     def add_bos(self) -> bool:
@@ -56,6 +62,56 @@ class LlamaCppRuntime:
         self._llm.reset()
         self._llm.eval(tokens)
         return np.array(self._llm.scores[: len(tokens)], dtype=np.float32)
+
+    def generate_timed(self, prompt: list[int], n_generate: int) -> dict[str, float]:
+        """Greedy generation; returns prefill (time to first token) and decode seconds."""
+        import time
+
+        self._llm.reset()
+        start = time.perf_counter()
+        self._llm.eval(prompt)
+        token = self._greedy_next()
+        first = time.perf_counter()
+        for _ in range(n_generate):
+            self._llm.eval([token])
+            token = self._greedy_next()
+        end = time.perf_counter()
+        return {"prefill_s": first - start, "decode_s": end - first}
+
+    def _greedy_next(self) -> int:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self._llm.n_vocab(),))))
+
+    @staticmethod
+    def describe(path: Path) -> dict[str, int]:
+        """Sizes the memory model and roofline need, read from the GGUF header."""
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+
+        def hp(key: str, default=None):
+            field = reader.fields.get(f"{arch}.{key}")
+            return field.contents() if field is not None else default
+
+        n_embd, n_head = int(hp("embedding_length")), int(hp("attention.head_count"))
+        head_dim = int(hp("attention.key_length", n_embd // n_head))
+        names = {t.name: int(t.n_bytes) for t in reader.tensors}
+        embd = names.get("token_embd.weight", 0)
+        tied = "output.weight" not in names
+        return {
+            "n_layers": int(hp("block_count")),
+            "n_embd": n_embd,
+            "n_head_kv": int(hp("attention.head_count_kv", n_head)),
+            "head_dim": head_dim,
+            "n_vocab": len(reader.fields["tokenizer.ggml.tokens"].data),
+            "tensor_bytes": sum(names.values()),
+            # bytes a decode step reads: every weight, except the embedding table when the
+            # output head is separate (then only one row of it is looked up per token)
+            "bytes_read_per_token": sum(names.values()) - (0 if tied else embd),
+        }
 
     def close(self) -> None:
         self._llm.close()

@@ -1,0 +1,83 @@
+"""Latency and peak memory, measured in a fresh subprocess that loads the artifact and generates.
+
+A fresh process makes ``peak_rss_bytes`` the footprint a user would see for this model alone,
+and keeps the profiler's own reference model and logits out of the figure. Run as
+``python -m quantkit.profile.latency ARGS_JSON``; prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import QuantkitError
+
+__all__ = ["measure_latency", "spread"]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _proc_status_bytes(key: str) -> int:
+    # VmHWM is this address space's own high-water mark; getrusage's ru_maxrss would carry the
+    # parent's peak across fork+exec and report the profiler's memory, not the model's
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_latency(
+    fmt: str, path: Path, *, ctx: int, prompt_tokens: int, generate_tokens: int, repeats: int, threads: int
+) -> dict:
+    args = dict(fmt=fmt, path=str(path), ctx=ctx, prompt_tokens=prompt_tokens,
+                generate_tokens=generate_tokens, repeats=repeats, threads=threads)
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantkit.profile.latency", json.dumps(args)],
+        capture_output=True, text=True, timeout=1800, check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise QuantkitError(f"latency worker failed for {path.name}: {tail}")
+    raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = raw["runs"]
+    p, g = raw["prompt_tokens"], generate_tokens
+    return {
+        "threads": threads,
+        "prompt_tokens": p,
+        "generated_tokens": g,
+        "repeats": repeats,
+        "ttft_s": spread([r["prefill_s"] for r in runs]),
+        "prefill_tokens_per_s": spread([p / r["prefill_s"] for r in runs]),
+        "decode_tokens_per_s": spread([g / r["decode_s"] for r in runs]),
+        "_memory": {"peak_rss_bytes": raw["peak_rss_bytes"], "baseline_rss_bytes": raw["baseline_rss_bytes"]},
+    }
+
+
+def _worker(args: dict) -> None:
+    from ..profile.corpus import default_texts
+    from ..runtimes import get_runtime
+
+    runtime_cls = get_runtime(args["fmt"])
+    runtime_cls.import_library()  # the runtime library's own footprint belongs to the baseline
+    baseline = _proc_status_bytes("VmRSS")
+    runtime = runtime_cls(Path(args["path"]), n_ctx=args["ctx"], threads=args["threads"], logits_all=False)
+    text = default_texts()["en"]
+    tokens = runtime.tokenize(text)
+    while len(tokens) < args["prompt_tokens"]:
+        tokens += tokens
+    room = args["ctx"] - args["generate_tokens"] - 1
+    prompt = tokens[: max(1, min(args["prompt_tokens"], room))]
+    runs = [runtime.generate_timed(prompt, args["generate_tokens"]) for _ in range(args["repeats"] + 1)][1:]
+    peak = _proc_status_bytes("VmHWM")
+    print(json.dumps({"runs": runs, "prompt_tokens": len(prompt), "peak_rss_bytes": peak, "baseline_rss_bytes": baseline}))
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))

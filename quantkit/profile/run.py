@@ -1,0 +1,136 @@
+"""The profiler: quality against the reference, latency and memory in a fresh process, the host.
+
+It knows nothing format-specific: the artifact's runtime (from ``quantkit.runtimes``) tokenizes,
+scores windows, generates and describes its sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..artifact import MANIFEST_NAME, read_manifest, tool_versions
+from ..errors import InputError
+from ..runtimes import get_runtime
+from .latency import measure_latency
+from .memory import kv_cache_bytes_per_token, predict_peak_bytes
+from .quality import score_artifact_window, summarize
+from .reference import reference_scores
+from .roofline import host_info
+
+__all__ = ["profile_artifact", "locate_artifact", "make_windows"]
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def locate_artifact(path: Path) -> tuple[str, Path, dict | None]:
+    """(format, file to load, manifest or None) for an artifact folder or a bare model file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST_NAME).is_file():
+            raise InputError(f"{path}: not a quantkit artifact (no {MANIFEST_NAME})")
+        manifest = read_manifest(path)
+        main = path / manifest["files"][0]["path"]
+        return manifest["recipe"]["format"], main, manifest
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path, None
+    raise InputError(f"{path}: no such artifact (an artifact folder or a .gguf file)")
+
+
+def make_windows(tokens: list[int], bos: int | None, ctx: int, chunks: int | None) -> list[list[int]]:
+    """Consecutive windows of ``ctx`` tokens (BOS first when the model adds one)."""
+    step = ctx - (1 if bos is not None else 0)
+    windows = []
+    for start in range(0, len(tokens) - step + 1, step):
+        windows.append(([bos] if bos is not None else []) + tokens[start : start + step])
+        if chunks and len(windows) >= chunks:
+            break
+    if not windows and len(tokens) >= 8:  # a text shorter than one window is scored as one window
+        windows.append(([bos] if bos is not None else []) + tokens[: step])
+    return windows
+
+
+def profile_artifact(
+    artifact: Path,
+    reference,  # quantkit.verify.Reference, or None to skip quality
+    texts: dict[str, str],
+    *,
+    ctx: int = 512,
+    chunks: int | None = None,
+    threads: int | None = None,
+    latency: bool = True,
+    prompt_tokens: int = 128,
+    generate_tokens: int = 32,
+    repeats: int = 3,
+    cache_dir: Path | None = None,
+    progress=None,
+) -> dict[str, Any]:
+    threads = threads or os.cpu_count() or 1
+    fmt, main, manifest = locate_artifact(artifact)
+    runtime_cls = get_runtime(fmt)
+    report: dict[str, Any] = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "artifact": {"path": str(artifact), "format": fmt, "manifest": manifest},
+        "reference": None,
+        "settings": {"ctx": ctx, "chunks": chunks, "threads": threads, "scored": "second half of each window"},
+        "tool_versions": tool_versions(),
+    }
+    if reference is not None:
+        report["reference"] = {"source": reference.source.to_manifest()}
+        report["quality"] = _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_dir, progress)
+    desc = runtime_cls.describe(main)
+    host = host_info(threads)
+    report["host"] = host
+    memory: dict[str, Any] = {
+        "file_bytes": main.stat().st_size if manifest is None else sum(f["bytes"] for f in manifest["files"]),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(desc),
+        "ctx": ctx,
+    }
+    bytes_per_token = desc["bytes_read_per_token"] + kv_cache_bytes_per_token(desc) * (prompt_tokens + generate_tokens // 2)
+    roofline = host["memory_bandwidth_bytes_per_s"] / bytes_per_token
+    host["decode_roofline_tokens_per_s"] = roofline
+    host["bytes_read_per_token"] = bytes_per_token
+    if latency:
+        lat = measure_latency(fmt, main, ctx=ctx, prompt_tokens=prompt_tokens,
+                              generate_tokens=generate_tokens, repeats=repeats, threads=threads)
+        measured_mem = lat.pop("_memory")
+        lat["measured"] = True
+        report["latency"] = lat
+        memory["peak_rss_bytes"] = measured_mem["peak_rss_bytes"]
+        memory["predicted_peak_bytes"] = predict_peak_bytes(desc, ctx, measured_mem["baseline_rss_bytes"])
+        memory["predicted_error_pct"] = 100.0 * (memory["predicted_peak_bytes"] - memory["peak_rss_bytes"]) / memory["peak_rss_bytes"]
+        host["decode_roofline_fraction"] = lat["decode_tokens_per_s"]["median"] / roofline
+    report["memory"] = memory
+    return report
+
+
+def _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_dir, progress) -> dict[str, Any]:
+    runtime = runtime_cls(main, n_ctx=ctx, threads=threads)
+    per_domain, all_parts = {}, []
+    try:
+        bos = runtime.bos_id if runtime.add_bos else None
+        for domain, text in texts.items():
+            windows = make_windows(runtime.tokenize(text), bos, ctx, chunks)
+            if not windows:
+                raise InputError(f"evaluation text {domain!r} has fewer than 8 tokens")
+            ref = reference_scores(
+                reference.logits_uncached, windows, fingerprint=reference.source.fingerprint, cache_dir=cache_dir
+            )
+            parts, offset = [], 0
+            task = progress.task(f"scoring {domain}", len(windows)) if progress else None
+            advance = task.__enter__() if task else (lambda n=1: None)
+            try:
+                for window in windows:
+                    part = score_artifact_window(runtime.logits(window), window, ref, offset)
+                    offset += len(part["kld"])
+                    parts.append(part)
+                    advance(1)
+            finally:
+                if task:
+                    task.__exit__(None, None, None)
+            per_domain[domain] = summarize(parts)
+            all_parts += parts
+    finally:
+        runtime.close()
+    return {**summarize(all_parts), "domains": per_domain, "measured": True}

@@ -1,0 +1,1 @@
+"""Reports: the JSON schema of a profile report, and its renderings."""

@@ -1,0 +1,60 @@
+"""Render a profile report as tables on the terminal, and write it as JSON atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..artifact import atomic_file
+
+__all__ = ["write_json", "profile_table"]
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def profile_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    q = report.get("quality")
+    if q:
+        t = Table(title=f"quality vs reference (measured, ctx {report['settings']['ctx']}, second half scored)")
+        for col in ("domain", "tokens", "kld_mean", "kld_p99", "kld_max", "top1", "ppl", "ppl_ref", "Δppl %"):
+            t.add_column(col, justify="left" if col == "domain" else "right")
+        for name, d in [*q["domains"].items(), ("overall", q)]:
+            t.add_row(name, str(d["tokens"]), f"{d['kld_mean']:.4f}", f"{d['kld_p99']:.4f}", f"{d['kld_max']:.3f}",
+                      f"{d['top1_agreement']:.3f}", f"{d['ppl']:.2f}", f"{d['ppl_reference']:.2f}", f"{d['ppl_delta_pct']:+.2f}")
+        console.print(t)
+    lat = report.get("latency")
+    if lat:
+        t = Table(title=f"latency (measured, {lat['threads']} threads, median (min–max) of {lat['repeats']})")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for key, unit in (("ttft_s", "s"), ("prefill_tokens_per_s", "tok/s"), ("decode_tokens_per_s", "tok/s")):
+            s = lat[key]
+            t.add_row(f"{key} ({lat['prompt_tokens']}-token prompt)" if key != "decode_tokens_per_s" else key,
+                      f"{s['median']:.3f} ({s['min']:.3f}–{s['max']:.3f}) {unit}")
+        console.print(t)
+    m, h = report["memory"], report["host"]
+    t = Table(title="memory and host")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("kind")
+    t.add_row("file_bytes", _mb(m["file_bytes"]), "measured")
+    if "peak_rss_bytes" in m:
+        t.add_row("peak_rss_bytes", _mb(m["peak_rss_bytes"]), "measured")
+        t.add_row("predicted_peak_bytes", f"{_mb(m['predicted_peak_bytes'])} ({m['predicted_error_pct']:+.1f}%)", "estimated")
+    t.add_row("kv_cache_bytes_per_token", f"{m['kv_cache_bytes_per_token']:,}", "estimated")
+    t.add_row("memory bandwidth", f"{h['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s", "measured")
+    t.add_row("decode_roofline_tokens_per_s", f"{h['decode_roofline_tokens_per_s']:.1f}", "estimated")
+    if "decode_roofline_fraction" in h:
+        t.add_row("decode_roofline_fraction", f"{h['decode_roofline_fraction']:.2f}", "measured/estimated")
+    console.print(t)
