@@ -37,7 +37,7 @@ def test_rebuilt_tokenizer_matches_llamacpp(gemma_dir, texts):
 @pytest.fixture(scope="module")
 def converted(gemma_dir, texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("gemma-out")
-    result = convert(None, ["gguf:f16", "gguf:q8_0", "gguf:q4_k_m"], out, verify_texts=texts, verify_tokens=2048)
+    result = convert(None, ["gguf:f16", "gguf:q8_0", "gguf:q4_k_m", "gguf:q2_k"], out, verify_texts=texts, verify_tokens=2048)
     return {a.recipe: a for a in result.artifacts}
 
 
@@ -65,3 +65,17 @@ def test_packaged_gguf_requantizes(tmp_path):
     assert art.manifest["source"]["kind"] == "gguf"
     assert "not compared" in art.manifest["details"]["verification"]["logits"]
     assert gguf.GGUFReader(art.main_file).fields["general.architecture"].contents() == "gemma3"
+
+
+def test_profile_orders_q8_q4km_q2k(converted):
+    """A measured ordering on real text, per the profiler (not asserted from the type names)."""
+    from tiny_models import SHARED_DATA
+
+    from quantkit.api import profile
+
+    data = [str(SHARED_DATA / "tinyshakespeare-en.txt"), str(SHARED_DATA / "hongloumeng-zh.txt"), "code"]
+    q = {r: profile(converted[r].path, eval_data=data, chunks=1, latency=False)["quality"]
+         for r in ("gguf:q8_0", "gguf:q4_k_m", "gguf:q2_k")}
+    assert q["gguf:q8_0"]["kld_mean"] < q["gguf:q4_k_m"]["kld_mean"] < q["gguf:q2_k"]["kld_mean"]
+    assert q["gguf:q8_0"]["top1_agreement"] > q["gguf:q4_k_m"]["top1_agreement"] > q["gguf:q2_k"]["top1_agreement"]
+    assert q["gguf:q8_0"]["tokens"] == 3 * 255
