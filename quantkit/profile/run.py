@@ -12,6 +12,7 @@ from typing import Any
 
 from ..artifact import MANIFEST_NAME, read_manifest, tool_versions
 from ..errors import InputError
+from ..progress import Progress
 from ..runtimes import get_runtime
 from .latency import measure_latency
 from .memory import kv_cache_bytes_per_token, predict_peak_bytes
@@ -118,17 +119,12 @@ def _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_di
                 reference.logits_uncached, windows, fingerprint=reference.source.fingerprint, cache_dir=cache_dir
             )
             parts, offset = [], 0
-            task = progress.task(f"scoring {domain}", len(windows)) if progress else None
-            advance = task.__enter__() if task else (lambda n=1: None)
-            try:
+            with (progress or Progress(False)).task(f"scoring {domain}", len(windows)) as advance:
                 for window in windows:
                     part = score_artifact_window(runtime.logits(window), window, ref, offset)
                     offset += len(part["kld"])
                     parts.append(part)
                     advance(1)
-            finally:
-                if task:
-                    task.__exit__(None, None, None)
             per_domain[domain] = summarize(parts)
             all_parts += parts
     finally:
