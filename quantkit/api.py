@@ -62,12 +62,18 @@ def convert(
     verify_ctx: int = 512,
     allow_pickle: bool = False,
     threads: int | None = None,
+    recipe_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert ``source`` (HF folder, hub id, .gguf file, or None for the embedded default model)
-    into one artifact per recipe under ``out_dir``; verify each before it is renamed into place."""
+    into one artifact per recipe under ``out_dir``; verify each before it is renamed into place.
+
+    ``recipe_options`` are format settings such as ``{"damp": 0.01, "act_order": True}`` for
+    GPTQ; each format takes the keys it knows, and a key no requested format knows is an error."""
     start = time.perf_counter()
-    recipes = list(dict.fromkeys(parse_recipe(r) if isinstance(r, str) else r for r in to))
+    recipe_options = {k: v for k, v in (recipe_options or {}).items() if v is not None}
+    recipes = list(dict.fromkeys(parse_recipe(r, recipe_options) if isinstance(r, str) else r for r in to))
+    _check_options_used(recipes, recipe_options)
     src = resolve_source(source, allow_pickle=allow_pickle)
     progress = progress or Progress(False)
     checker = None
@@ -98,6 +104,16 @@ def convert(
     result.elapsed_s = time.perf_counter() - start
     result.peak_rss_bytes = _peak_rss_bytes()
     return result
+
+
+def _check_options_used(recipes: list[Recipe], options: dict[str, Any]) -> None:
+    from .errors import RecipeError
+
+    known = set().union(*(get_format(r.format).option_names() for r in recipes)) if recipes else set()
+    unused = sorted(set(options) - known)
+    if unused:
+        names = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise RecipeError(f"{names} do(es) not apply to any requested recipe ({', '.join(map(str, recipes))})")
 
 
 def _reference_for(manifest: dict | None, reference: str | Path | None, threads: int | None) -> Reference:
@@ -133,11 +149,14 @@ def profile(
     from .embedded import cache_dir
     from .profile.corpus import load_eval_data
     from .profile.run import locate_artifact, profile_artifact
+    from .report.schema import validate_report
 
     _fmt, _main, manifest = locate_artifact(Path(artifact))
     ref = _reference_for(manifest, reference, threads) if quality else None
     texts = load_eval_data(eval_data) if quality else {}
-    return profile_artifact(
+    report = profile_artifact(
         Path(artifact), ref, texts, ctx=ctx, chunks=chunks, threads=threads, latency=latency,
         cache_dir=cache_dir() / "reference", progress=progress,
     )
+    validate_report(report, "profile")  # what other tools read must match what we ship
+    return report

@@ -34,7 +34,9 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-_VERSIONED_PACKAGES = ("quantkit", "gguf", "llama-cpp-python", "transformers", "torch", "safetensors")
+_VERSIONED_PACKAGES = (
+    "quantkit", "gguf", "llama-cpp-python", "transformers", "torch", "safetensors", "bitsandbytes",
+)
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,12 @@ def atomic_file(final: Path) -> Iterator[Path]:
         raise
 
 
-def write_manifest(folder: Path, *, recipe: dict, source: dict, details: dict) -> dict[str, Any]:
-    """Hash every file in ``folder`` and write ``manifest.json`` (no timestamps: reproducible)."""
+def write_manifest(
+    folder: Path, *, recipe: dict, source: dict, details: dict, main_file: str | None = None
+) -> dict[str, Any]:
+    """Hash every file in ``folder`` and write ``manifest.json`` (no timestamps: reproducible).
+
+    ``main_file`` names the file a runtime loads (default: the first file)."""
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
         files.append(
@@ -137,6 +143,8 @@ def write_manifest(folder: Path, *, recipe: dict, source: dict, details: dict) -
         "details": details,
         "files": files,
     }
+    if main_file is not None:
+        manifest["main_file"] = main_file
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 

@@ -40,9 +40,17 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--verify-text", "verify_files", multiple=True, type=click.Path(), help="Text file(s) for verification (default: quantkit's own en/zh texts).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt pickle weights (they can run code when loaded).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for quantization and verification.")
+@click.option("--damp", type=click.FloatRange(0, 1, min_open=True), default=None, help="GPTQ: Hessian dampening, a fraction of its mean diagonal [0.01].")
+@click.option("--sym/--asym", default=None, help="GPTQ: symmetric or asymmetric integer grid [sym].")
+@click.option("--act-order/--no-act-order", default=None, help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act) [off].")
+@click.option("--static-groups/--no-static-groups", default=None, help="GPTQ: fix group scales before act-order permutes columns [off].")
+@click.option("--calib", default=None, metavar="FILE|DATASET", help="GPTQ: calibration text (default: en/zh/code mix, disjoint from the profiler's texts).")
+@click.option("--calib-samples", type=click.IntRange(1), default=None, help="GPTQ: calibration windows [128].")
+@click.option("--calib-seqlen", type=click.IntRange(16), default=None, help="GPTQ: tokens per calibration window [512].")
+@click.option("--seed", type=int, default=None, help="Seed for calibration sampling [0].")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.pass_context
-def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, threads, as_json):
+def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, threads, as_json, **recipe_options):
     """Convert SOURCE (HF folder, hub id or .gguf file; default: the embedded Gemma 3 270M)."""
     from .api import DEFAULT_RECIPES
     from .api import convert as run_convert
@@ -58,6 +66,7 @@ def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, t
         verify_texts=read_texts(list(verify_files)) if verify_files else None,
         allow_pickle=allow_pickle,
         threads=threads,
+        recipe_options=recipe_options,
         progress=Progress(None if not quiet else False),
     )
     if as_json:

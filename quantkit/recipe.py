@@ -7,6 +7,7 @@ format validates the part after it, so this module never names a format itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +42,15 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def parse_recipe(text: str) -> Recipe:
-    """Parse 'FORMAT:SCHEME' with the format's own parser; unknown formats list the known ones."""
+def parse_recipe(text: str, options: Mapping[str, Any] | None = None) -> Recipe:
+    """Parse 'FORMAT:SCHEME' with the format's own parser; unknown formats list the known ones.
+
+    ``options`` (e.g. ``{"damp": 0.01}``) go to every format, which keeps the keys it knows."""
     from .formats import get_format  # registry lookup; formats import this module
 
     fmt_name, sep, scheme = text.strip().partition(":")
     if not sep or not fmt_name or not scheme:
         raise RecipeError(f"recipe {text!r} is not of the form FORMAT:SCHEME, e.g. gguf:q4_k_m")
-    return get_format(fmt_name.lower()).parse_recipe(scheme.strip().lower())
+    fmt = get_format(fmt_name.lower())
+    mine = {k: v for k, v in (options or {}).items() if v is not None and k in fmt.option_names()}
+    return fmt.parse_recipe(scheme.strip().lower(), mine)

@@ -98,8 +98,8 @@ def verify_artifact(
             if ours != theirs:
                 i = _first_difference(ours, theirs)
                 raise VerificationError(
-                    f"{artifact.main_file.name}: llama.cpp tokenizes the {name} text differently from the HF "
-                    f"tokenizer at token {i} of {len(theirs)} (llama.cpp {ours[i:i + 4]} vs HF {theirs[i:i + 4]})"
+                    f"{artifact.main_file.name}: {runtime.name} tokenizes the {name} text differently from the HF "
+                    f"tokenizer at token {i} of {len(theirs)} ({runtime.name} {ours[i:i + 4]} vs HF {theirs[i:i + 4]})"
                 )
             result["tokenization"][name] = {"tokens": len(theirs), "match": True}
         first = next(iter(texts.values()))
@@ -121,7 +121,7 @@ def verify_artifact(
         )
         if kld_limit is not None and result["kld_mean"] > kld_limit:
             raise VerificationError(
-                f"{artifact.main_file.name}: llama.cpp logits differ from transformers: mean KLD "
+                f"{artifact.main_file.name}: {runtime.name} logits differ from transformers: mean KLD "
                 f"{result['kld_mean']:.2e} > {kld_limit:.0e} over {n} tokens"
             )
         return result

@@ -83,3 +83,43 @@ def test_gguf_sourced_artifact_needs_a_reference(artifacts, tmp_path):
     requant = convert(artifacts["gguf:f32"].main_file, ["gguf:q4_0"], tmp_path, verify=False).artifacts[0]
     with pytest.raises(InputError, match="--reference"):
         profile(requant.path, eval_data=["code"], latency=False)
+
+
+def test_report_validates_against_the_shipped_schema(artifacts):
+    import copy
+
+    from quantkit.errors import QuantkitError
+    from quantkit.report.schema import load_schema, validate_report
+
+    report = profile(artifacts["gguf:q8_0"].path, eval_data=["code"], ctx=64, chunks=1)  # validated inside
+    assert load_schema()["properties"]["schema_version"]["const"] == report["schema_version"]
+    assert report["memory"]["predicted_peak_bytes"] == sum(report["memory"]["predicted_terms"].values())
+    assert report["host"]["cores_used"] <= report["host"]["cores"]
+    for path, value in ((("quality", "top1_agreement"), 1.5), (("latency", "ttft_s"), {"median": 1.0})):
+        broken = copy.deepcopy(report)
+        broken[path[0]][path[1]] = value
+        with pytest.raises(QuantkitError, match="/".join(path)):
+            validate_report(broken)
+    broken = copy.deepcopy(report)
+    del broken["quality"]["domains"]["code"]["kld_mean"]
+    with pytest.raises(QuantkitError, match="kld_mean"):
+        validate_report(broken)
+
+
+def test_repack_bytes_follow_the_host_simd(monkeypatch):
+    from types import SimpleNamespace
+
+    from quantkit.runtimes import llamacpp
+
+    def t(name, kind, shape, n):
+        return SimpleNamespace(name=name, tensor_type=SimpleNamespace(name=kind), shape=shape, n_bytes=n)
+
+    tensors = [t("blk.0.ffn_down.weight", "Q4_K", (1024, 640), 100), t("blk.0.attn_q.weight", "Q4_0", (640, 1024), 10),
+               t("token_embd.weight", "Q4_0", (640, 4096), 1000), t("blk.0.attn_k.weight", "Q8_0", (640, 256), 7),
+               t("blk.0.odd.weight", "Q4_0", (640, 12), 3)]
+    monkeypatch.setattr(llamacpp, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert llamacpp._repack_bytes(tensors) == 110  # not the embedding, not Q8_0, not rows % 8
+    monkeypatch.setattr(llamacpp, "_cpu_flags", lambda: {"asimd"})
+    assert llamacpp._repack_bytes(tensors) == 10
+    monkeypatch.setattr(llamacpp, "_cpu_flags", lambda: set())
+    assert llamacpp._repack_bytes(tensors) == 0

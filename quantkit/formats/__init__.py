@@ -7,7 +7,7 @@ adding a format is one module plus one import line in ``_BUILTIN``. The core nev
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +17,7 @@ from ..errors import RecipeError
 __all__ = ["FORMATS", "Format", "ConvertOptions", "register_format", "get_format"]
 
 FORMATS: dict[str, Format] = {}
-_BUILTIN = ("quantkit.formats.gguf",)
+_BUILTIN = ("quantkit.formats.gguf", "quantkit.formats.bnb")
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,17 @@ class Format:
 
     name: ClassVar[str]
 
-    def parse_recipe(self, scheme: str):
-        """Validate the part after 'FORMAT:' and return a Recipe."""
+    def parse_recipe(self, scheme: str, options: Mapping[str, Any] | None = None):
+        """Validate the part after 'FORMAT:' and return a Recipe.
+
+        ``options`` are user settings from the command line or API (e.g. ``damp`` for GPTQ);
+        a format takes the keys it knows, fills in its defaults, and ignores ``None`` values.
+        """
         raise NotImplementedError
+
+    def option_names(self) -> frozenset[str]:
+        """The option keys this format accepts in ``parse_recipe``."""
+        return frozenset()
 
     def convert(self, source, recipes: Sequence, out_dir: Path, options: ConvertOptions) -> list:
         """Produce one artifact per recipe from ``source`` under ``out_dir``."""
@@ -51,9 +59,8 @@ def register_format(cls: type[Format]) -> type[Format]:
 
 
 def get_format(name: str) -> Format:
-    if not FORMATS:
-        for module in _BUILTIN:
-            importlib.import_module(module)
+    for module in _BUILTIN:  # cached by Python after the first call
+        importlib.import_module(module)
     try:
         return FORMATS[name]
     except KeyError:

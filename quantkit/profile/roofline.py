@@ -44,6 +44,7 @@ def host_info(threads: int) -> dict:
     return {
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
+        "cores_used": min(threads, os.cpu_count() or threads),
         "threads_used": threads,
         "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "memory_bandwidth_bytes_per_s": measure_bandwidth_bytes_per_s(),

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..progress import Progress
 from ..runtimes import get_runtime
 from .latency import measure_latency
-from .memory import kv_cache_bytes_per_token, predict_peak_bytes
+from .memory import kv_cache_bytes_per_token, predicted_terms
 from .quality import score_artifact_window, summarize
 from .reference import reference_scores
 from .roofline import host_info
@@ -32,7 +32,7 @@ def locate_artifact(path: Path) -> tuple[str, Path, dict | None]:
         if not (path / MANIFEST_NAME).is_file():
             raise InputError(f"{path}: not a quantkit artifact (no {MANIFEST_NAME})")
         manifest = read_manifest(path)
-        main = path / manifest["files"][0]["path"]
+        main = path / manifest.get("main_file", manifest["files"][0]["path"])
         return manifest["recipe"]["format"], main, manifest
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path, None
@@ -72,13 +72,13 @@ def profile_artifact(
     runtime_cls = get_runtime(fmt)
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "artifact": {"path": str(artifact), "format": fmt, "manifest": manifest},
+        "artifact": {"path": str(artifact), "format": fmt, "runtime": runtime_cls.name, "manifest": manifest},
         "reference": None,
         "settings": {"ctx": ctx, "chunks": chunks, "threads": threads, "scored": "second half of each window"},
         "tool_versions": tool_versions(),
     }
     if reference is not None:
-        report["reference"] = {"source": reference.source.to_manifest()}
+        report["reference"] = {"source": reference.source.to_manifest(), "runtime": "transformers (float32)"}
         report["quality"] = _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_dir, progress)
     desc = runtime_cls.describe(main)
     host = host_info(threads)
@@ -99,7 +99,9 @@ def profile_artifact(
         lat["measured"] = True
         report["latency"] = lat
         memory["peak_rss_bytes"] = measured_mem["peak_rss_bytes"]
-        memory["predicted_peak_bytes"] = predict_peak_bytes(desc, ctx, measured_mem["baseline_rss_bytes"])
+        terms = predicted_terms(desc, ctx, measured_mem["baseline_rss_bytes"])
+        memory["predicted_peak_bytes"] = sum(terms.values())
+        memory["predicted_terms"] = terms
         memory["predicted_error_pct"] = 100.0 * (memory["predicted_peak_bytes"] - memory["peak_rss_bytes"]) / memory["peak_rss_bytes"]
         host["decode_roofline_fraction"] = lat["decode_tokens_per_s"]["median"] / roofline
     report["memory"] = memory

@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["RUNTIMES", "register_runtime", "get_runtime"]
 
 RUNTIMES: dict[str, Any] = {}
-_BUILTIN = ("quantkit.runtimes.llamacpp",)
+_BUILTIN = ("quantkit.runtimes.llamacpp", "quantkit.runtimes.bnb")
 
 
 def register_runtime(fmt: str):
@@ -23,9 +23,8 @@ def register_runtime(fmt: str):
 
 
 def get_runtime(fmt: str):
-    if not RUNTIMES:
-        for module in _BUILTIN:
-            importlib.import_module(module)
+    for module in _BUILTIN:  # cached by Python after the first call
+        importlib.import_module(module)
     if fmt not in RUNTIMES:
         raise KeyError(f"no runtime for format {fmt!r}; known: {', '.join(sorted(RUNTIMES))}")
     return RUNTIMES[fmt]

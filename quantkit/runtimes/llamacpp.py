@@ -12,10 +12,40 @@ from . import register_runtime
 
 __all__ = ["LlamaCppRuntime"]
 
+_VOCAB_BYTES_PER_TOKEN = 192
+# ggml's CPU backend copies these weight types into an interleaved layout at load time
+# (ggml-cpu/repack.cpp, "CPU_REPACK" buffer) when the host has the SIMD the kernels need, and
+# the mapped file pages are read as well: the copy is extra resident memory
+_REPACKED_TYPES = {"avx2": {"Q4_0", "Q4_K", "IQ4_NL"}, "asimd": {"Q4_0", "IQ4_NL"}}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _repack_bytes(tensors) -> int:
+    flags = _cpu_flags()
+    types = set().union(*(t for f, t in _REPACKED_TYPES.items() if f in flags))
+    return sum(
+        int(t.n_bytes)
+        for t in tensors
+        # the embedding table is only looked up by row (get_rows), never repacked
+        if t.tensor_type.name in types and len(t.shape) == 2 and t.shape[1] % 8 == 0 and t.name != "token_embd.weight"
+    )
+
 
 @register_runtime("gguf")
 class LlamaCppRuntime:
     """A GGUF model loaded for scoring: all positions' logits are kept (logits_all)."""
+
+    name = "llama.cpp"
 
     def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True):
         import llama_cpp
@@ -101,16 +131,23 @@ class LlamaCppRuntime:
         names = {t.name: int(t.n_bytes) for t in reader.tensors}
         embd = names.get("token_embd.weight", 0)
         tied = "output.weight" not in names
+        n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
         return {
             "n_layers": int(hp("block_count")),
             "n_embd": n_embd,
+            "n_head": n_head,
             "n_head_kv": int(hp("attention.head_count_kv", n_head)),
             "head_dim": head_dim,
-            "n_vocab": len(reader.fields["tokenizer.ggml.tokens"].data),
+            "n_vocab": n_vocab,
             "tensor_bytes": sum(names.values()),
             # bytes a decode step reads: every weight, except the embedding table when the
             # output head is separate (then only one row of it is looked up per token)
             "bytes_read_per_token": sum(names.values()) - (0 if tied else embd),
+            "repack_bytes": _repack_bytes(reader.tensors),
+            # the vocabulary's in-memory tables (token text, score and attributes, the
+            # text->id hash map, the piece cache, the loader's copy of the GGUF arrays: about
+            # 192 bytes a token) and the output buffer of one float32 logits row
+            "runtime_overhead_bytes": n_vocab * (_VOCAB_BYTES_PER_TOKEN + 4),
         }
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ class TorchReference:
         ).eval()
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         import torch

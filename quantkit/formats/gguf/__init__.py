@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ...artifact import Artifact, atomic_dir, write_manifest
 from ...errors import RecipeError
@@ -45,7 +46,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 class GGUFFormat(Format):
     name = "gguf"
 
-    def parse_recipe(self, scheme: str) -> Recipe:
+    def parse_recipe(self, scheme: str, options: Mapping[str, Any] | None = None) -> Recipe:
         if scheme not in QUANT_SCHEMES:
             raise RecipeError(f"unknown GGUF type {scheme!r}; known: {', '.join(QUANT_SCHEMES)}")
         return Recipe("gguf", scheme)

@@ -1,0 +1,133 @@
+"""Shared base of runtimes that run a transformers model in torch on the CPU.
+
+bitsandbytes artifacts and dequantized GPTQ checkpoints both end up as a transformers model;
+this class gives them the runtime interface the profiler uses (tokenize, logits, timed greedy
+generation, sizes for the memory model). Subclasses implement ``load_model`` and
+``describe_weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TransformersRuntime", "config_sizes", "read_config"]
+
+
+def config_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """Layer count, widths and vocabulary from an HF ``config.json`` (text config if nested)."""
+    cfg = config.get("text_config") or config
+    n_embd, n_head = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    return {
+        "n_layers": int(cfg["num_hidden_layers"]),
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "n_head_kv": int(cfg.get("num_key_value_heads") or n_head),
+        "head_dim": int(cfg.get("head_dim") or n_embd // n_head),
+        "n_vocab": int(cfg["vocab_size"]),
+    }
+
+
+class TransformersRuntime:
+    """A transformers causal LM in float32 on the CPU, behind the profiler's runtime interface."""
+
+    name = "transformers"
+    #: bytes per KV-cache element: transformers keeps the cache in the activation dtype
+    kv_bytes_per_element = 4
+
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True):
+        import torch
+        from transformers import AutoTokenizer
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.n_ctx = n_ctx
+        self.path = Path(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_folder(self.path), trust_remote_code=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bitsandbytes and transformers warn on every CPU load
+            self.model = self.load_model(self.path).eval()
+
+    # -- what a subclass provides ------------------------------------------------------------
+    def load_model(self, path: Path):
+        raise NotImplementedError
+
+    def tokenizer_folder(self, path: Path) -> Path:
+        return path.parent
+
+    @classmethod
+    def describe_weights(cls, path: Path) -> dict[str, Any]:
+        """``config`` (the HF config.json), ``tensor_bytes`` (all weights in memory),
+        ``embedding_bytes`` and, optionally, ``load_transient_bytes`` (what loading reads)."""
+        raise NotImplementedError
+
+    # -- the runtime interface ---------------------------------------------------------------
+    @staticmethod
+    def import_library() -> None:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def add_bos(self) -> bool:
+        ids = self.tokenizer("a")["input_ids"]
+        return self.bos_id is not None and ids[:1] == [self.bos_id]
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        import torch
+
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"window of {len(tokens)} tokens exceeds n_ctx={self.n_ctx}")
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.model(input_ids=torch.tensor([tokens], dtype=torch.long), use_cache=False)
+        return out.logits[0].to(torch.float32).numpy()
+
+    def generate_timed(self, prompt: list[int], n_generate: int) -> dict[str, float]:
+        """Greedy generation with the KV cache; prefill (time to first token) and decode seconds."""
+        import torch
+
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            out = self.model(input_ids=torch.tensor([prompt], dtype=torch.long), use_cache=True)
+            token = out.logits[0, -1].argmax()
+            first = time.perf_counter()
+            for _ in range(n_generate):
+                out = self.model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[0, -1].argmax()
+            end = time.perf_counter()
+        return {"prefill_s": first - start, "decode_s": end - first}
+
+    @classmethod
+    def describe(cls, path: Path) -> dict[str, int]:
+        weights = cls.describe_weights(Path(path))
+        config, tensor_bytes = weights["config"], weights["tensor_bytes"]
+        sizes = config_sizes(config)
+        tied = bool(config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", True)))
+        return {
+            **sizes,
+            "tensor_bytes": tensor_bytes,
+            "kv_bytes_per_element": cls.kv_bytes_per_element,
+            # decoding reads every weight once, except an untied embedding table (one row per token)
+            "bytes_read_per_token": tensor_bytes - (0 if tied else weights["embedding_bytes"]),
+            "load_transient_bytes": weights.get("load_transient_bytes", 0),
+        }
+
+    def close(self) -> None:
+        self.model = None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
