@@ -74,8 +74,11 @@ def test_profile_orders_q8_q4km_q2k(converted):
     from quantkit.api import profile
 
     data = [str(SHARED_DATA / "tinyshakespeare-en.txt"), str(SHARED_DATA / "hongloumeng-zh.txt"), "code"]
-    q = {r: profile(converted[r].path, eval_data=data, chunks=1, latency=False)["quality"]
-         for r in ("gguf:q8_0", "gguf:q4_k_m", "gguf:q2_k")}
+    reports = {r: profile(converted[r].path, eval_data=data, chunks=1) for r in ("gguf:q8_0", "gguf:q4_k_m", "gguf:q2_k")}
+    q = {r: rep["quality"] for r, rep in reports.items()}
     assert q["gguf:q8_0"]["kld_mean"] < q["gguf:q4_k_m"]["kld_mean"] < q["gguf:q2_k"]["kld_mean"]
     assert q["gguf:q8_0"]["top1_agreement"] > q["gguf:q4_k_m"]["top1_agreement"] > q["gguf:q2_k"]["top1_agreement"]
     assert q["gguf:q8_0"]["tokens"] == 3 * 255
+    for rep in reports.values():  # the memory model (weights + repack + vocab + KV + compute)
+        assert abs(rep["memory"]["predicted_error_pct"]) < 15, rep["memory"]
+        assert 0 < rep["host"]["decode_roofline_fraction"] < 1.5

@@ -117,21 +117,20 @@ class LlamaCppRuntime:
     @staticmethod
     def describe(path: Path) -> dict[str, int]:
         """Sizes the memory model and roofline need, read from the GGUF header."""
-        import gguf
+        from ..formats.gguf.header import read_header
 
-        reader = gguf.GGUFReader(path)
-        arch = reader.fields["general.architecture"].contents()
+        reader = read_header(path)
+        arch = reader.fields["general.architecture"]
 
         def hp(key: str, default=None):
-            field = reader.fields.get(f"{arch}.{key}")
-            return field.contents() if field is not None else default
+            return reader.fields.get(f"{arch}.{key}", default)
 
         n_embd, n_head = int(hp("embedding_length")), int(hp("attention.head_count"))
         head_dim = int(hp("attention.key_length", n_embd // n_head))
         names = {t.name: int(t.n_bytes) for t in reader.tensors}
         embd = names.get("token_embd.weight", 0)
         tied = "output.weight" not in names
-        n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        n_vocab = len(reader.fields["tokenizer.ggml.tokens"])
         return {
             "n_layers": int(hp("block_count")),
             "n_embd": n_embd,

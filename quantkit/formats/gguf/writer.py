@@ -19,6 +19,7 @@ import numpy as np
 from ...errors import SourceError, UnsupportedArchitectureError
 from ...source import Source
 from .arch import HParams, arch_for_config, extra_tensors, transform_tensor, write_hparams
+from .header import read_header
 from .vocab import load_vocab
 
 __all__ = ["FLOAT_TYPES", "write_float_gguf", "read_gguf_summary"]
@@ -136,18 +137,16 @@ def read_gguf_summary(path: Path) -> dict:
     if magic != b"GGUF":
         raise SourceError(f"{path}: not a GGUF file (bad magic {magic!r})")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/IndexError/struct.error on damage
+        reader = read_header(path)
+    except Exception as exc:  # ValueError/struct.error on damage
         raise SourceError(f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from exc
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise SourceError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
     file_type = reader.fields.get("general.file_type")
     return {
-        "gguf_architecture": arch,
-        "file_type": int(file_type.contents()) if file_type is not None else None,
+        "gguf_architecture": reader.fields.get("general.architecture"),
+        "file_type": int(file_type) if file_type is not None else None,
         "tensor_count": len(reader.tensors),
     }
