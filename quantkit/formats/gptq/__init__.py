@@ -1,0 +1,246 @@
+"""GPTQ: weight-only integer quantization (Frantar et al., 2022) of HF checkpoints, written in the
+auto-gptq / GPTQModel "v1" layout that transformers, vLLM and GPTQModel load.
+
+Schemes are ``w{bits}g{group_size}`` (bits 2, 3, 4 or 8; group 32, 64, 128 or -1 for one group
+per row), e.g. ``gptq:w4g128``; the suffix ``-rtn`` rounds to nearest on the same grid without
+calibration (``gptq:w4g128-rtn``), a baseline that shows what GPTQ's error compensation buys.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...artifact import Artifact, atomic_dir, write_manifest
+from ...errors import InputError, RecipeError, UnsupportedArchitectureError
+from ...progress import Progress
+from ...recipe import Recipe
+from ...source import Source
+from .. import ConvertOptions, Format, register_format
+from .arch import ARCHITECTURES
+
+# torch, transformers and the modules that need them are imported where used: every quantkit
+# command loads the format registry, and most never run GPTQ
+
+__all__ = ["GPTQFormat", "GPTQScheme", "parse_scheme", "OPTION_DEFAULTS", "MAX_SHARD_BYTES", "quantize_source"]
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128, -1)
+_SCHEME = re.compile(r"^w(\d+)g(-?\d+)(-rtn)?$")
+_SCHEME_HELP = "w{bits}g{group}[-rtn] with bits in 2, 3, 4, 8 and group in 32, 64, 128, -1 (e.g. w4g128, w8g-1, w4g128-rtn)"
+# weights files above this size are split into shards (module attribute so tests can lower it)
+MAX_SHARD_BYTES = 2 * 10**9
+
+# every option and its default; the effective values of all of them go into Recipe.options
+OPTION_DEFAULTS: dict[str, Any] = {
+    "damp": 0.01,
+    "sym": True,
+    "act_order": False,
+    "static_groups": False,
+    "calib": None,
+    "calib_samples": 128,
+    "calib_seqlen": 512,
+    "seed": 0,
+}
+# options that only matter when codes are chosen with calibration data (ignored by -rtn)
+_CALIBRATION_OPTIONS = ("damp", "act_order", "static_groups", "calib", "calib_samples", "calib_seqlen", "seed")
+
+
+@dataclass(frozen=True)
+class GPTQScheme:
+    bits: int
+    group_size: int
+    rtn: bool
+
+
+def parse_scheme(scheme: str) -> GPTQScheme:
+    match = _SCHEME.match(scheme)
+    if not match:
+        raise RecipeError(f"unknown GPTQ scheme {scheme!r}; expected {_SCHEME_HELP}")
+    bits, group = int(match[1]), int(match[2])
+    if bits not in BITS or group not in GROUP_SIZES:
+        raise RecipeError(f"unsupported GPTQ scheme {scheme!r}; expected {_SCHEME_HELP}")
+    return GPTQScheme(bits, group, bool(match[3]))
+
+
+def _check_option(key: str, value: Any) -> Any:
+    """Validate one user option where it enters; returns the typed value."""
+    def bad(expected: str):
+        return RecipeError(f"GPTQ option {key}={value!r}: expected {expected}")
+
+    if key in ("sym", "act_order", "static_groups"):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if key == "damp":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise bad("a fraction of the mean Hessian diagonal between 0 and 1 (e.g. 0.01)")
+        return float(value)
+    if key in ("calib_samples", "calib_seqlen", "seed"):
+        low = {"calib_samples": 1, "calib_seqlen": 8, "seed": 0}[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(f"an integer >= {low}")
+        return value
+    # calib: a text file
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise RecipeError(f"GPTQ option calib={value!r}: no such file (a UTF-8 text file to calibrate on)")
+    return str(path)
+
+
+def _recipe_options(scheme: GPTQScheme, options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    values = dict(OPTION_DEFAULTS)
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key not in OPTION_DEFAULTS:
+            known = ", ".join(sorted(OPTION_DEFAULTS))
+            raise RecipeError(f"unknown GPTQ option {key!r}; known: {known}")
+        values[key] = _check_option(key, value)
+    if scheme.rtn:  # round-to-nearest uses no calibration data: record only what shapes its grid
+        values = {k: v for k, v in values.items() if k not in _CALIBRATION_OPTIONS}
+    return tuple(sorted(values.items()))
+
+
+def _architecture(source: Source):
+    config = source.config
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedArchitectureError(f"{source.id}: GPTQ does not support model_type {model_type!r}; supported: {known}")
+    return ARCHITECTURES[model_type]
+
+
+def _load_model(source: Source):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=torch.float32, use_safetensors=source.weight_format != "pickle", trust_remote_code=False
+    )
+
+
+def quantize_source(
+    source: Source, recipe: Recipe, progress: Progress | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Load ``source``, build the calibration windows and quantize: (model, result, calibration
+    details). The model's quantized Linears then hold their dequantized weights."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .algorithm import QuantGrid
+    from .calibration import calibration_texts, calibration_windows
+    from .sequential import GPTQSettings, pick_device, quantize_model
+
+    progress = progress or Progress(False)
+    scheme = parse_scheme(recipe.scheme)
+    spec = _architecture(source)
+    opts = {**OPTION_DEFAULTS, **dict(recipe.options)}  # a Recipe built by hand may omit options
+    grid = QuantGrid(scheme.bits, scheme.group_size, opts["sym"])
+    torch.manual_seed(0)
+    model = _load_model(source)
+    if scheme.rtn:
+        settings = GPTQSettings(grid, method="rtn")
+        result = quantize_model(model, spec, settings, task=progress.task)
+        return model, result, {"method": "rtn"}
+    settings = GPTQSettings(grid, "gptq", opts["damp"], opts["act_order"], opts["static_groups"])
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+    texts = calibration_texts(opts["calib"])
+    windows, counts = calibration_windows(
+        tokenizer, texts, n_samples=opts["calib_samples"], seqlen=opts["calib_seqlen"], seed=opts["seed"]
+    )
+    result = quantize_model(model, spec, settings, windows, task=progress.task)
+    calibration = {
+        "method": "gptq",
+        "texts": opts["calib"] or "default (en: pydoc topics, code: stdlib modules, zh: calib-zh.txt)",
+        "windows_per_domain": counts,
+        "samples": len(windows),
+        "seqlen": opts["calib_seqlen"],
+        "seed": opts["seed"],
+        "tokens": sum(len(w) for w in windows),
+        "device": pick_device().type,
+    }
+    return model, result, calibration
+
+
+def _details(result, calibration: dict, seconds: float) -> dict[str, Any]:
+    return {
+        "calibration": calibration,
+        "layers": result.layers,
+        "quantized_linears": len(result.weights),
+        "quantize_seconds": round(seconds, 3),
+    }
+
+
+@register_format
+class GPTQFormat(Format):
+    name = "gptq"
+
+    def option_names(self) -> frozenset[str]:
+        return frozenset(OPTION_DEFAULTS)
+
+    def parse_recipe(self, scheme: str, options: Mapping[str, Any] | None = None) -> Recipe:
+        parsed = parse_scheme(scheme)
+        return Recipe("gptq", scheme, _recipe_options(parsed, options or {}))
+
+    def convert(
+        self, source: Source, recipes: Sequence[Recipe], out_dir: Path, options: ConvertOptions
+    ) -> list[Artifact]:
+        if source.kind != "hf":
+            raise InputError(f"{source.id}: GPTQ quantizes an HF checkpoint folder, not a {source.kind} file")
+        _architecture(source)
+        import torch
+
+        progress = options.progress or Progress(False)
+        threads = torch.get_num_threads()
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        try:
+            return [self._convert_one(source, recipe, out_dir, options, progress) for recipe in recipes]
+        finally:
+            torch.set_num_threads(threads)
+
+    def _convert_one(self, source: Source, recipe: Recipe, out_dir: Path, options: ConvertOptions, progress: Progress) -> Artifact:
+        from .writer import (
+            copy_tokenizer_files,
+            quantization_config,
+            write_checkpoint,
+            write_configs,
+        )
+
+        scheme = parse_scheme(recipe.scheme)
+        opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
+        start = time.perf_counter()
+        model, result, calibration = quantize_source(source, recipe, progress)
+        seconds = time.perf_counter() - start
+        qconfig = quantization_config(
+            bits=scheme.bits,
+            group_size=scheme.group_size,
+            desc_act=opts["act_order"] and not scheme.rtn,
+            sym=opts["sym"],
+            static_groups=opts["static_groups"] and not scheme.rtn,
+            damp=opts["damp"],
+            true_sequential=not scheme.rtn,
+        )
+        final = Path(out_dir) / f"{source.name}-gptq-{recipe.tag}"
+        with atomic_dir(final) as tmp:
+            with progress.task("writing GPTQ checkpoint"):
+                weight_files = write_checkpoint(
+                    tmp, model.state_dict().items(), result.weights, scheme.bits, max_shard_bytes=MAX_SHARD_BYTES
+                )
+            del model
+            write_configs(tmp, source.config, qconfig)
+            tokenizer_files = copy_tokenizer_files(source.path, tmp)
+            info = _details(result, calibration, seconds)
+            info.update(weight_files=weight_files, tokenizer_files=tokenizer_files, quantization_config=qconfig)
+            if options.verify:
+                provisional = Artifact(tmp, tmp / "config.json", {"recipe": recipe.to_dict(), "main_file": "config.json"})
+                info["verification"] = options.verify(provisional)
+            manifest = write_manifest(
+                tmp, recipe=recipe.to_dict(), source=source.to_manifest(), details=info, main_file="config.json"
+            )
+        return Artifact(final, final / "config.json", manifest)

@@ -1,0 +1,262 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", arXiv:2210.17323) and a round-to-nearest baseline on the same grid.
+
+Pure torch, no I/O: a weight matrix and a Hessian go in, integer codes, per-group scales and
+zero points, the group index of every input column and the dequantized matrix come out. Both
+quantizers use one grid (:func:`grid_params`, :func:`quantize_codes`), so GPTQ and RTN differ only
+in how the codes are chosen, and the packed checkpoint reproduces ``dequantized`` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import ConversionError
+
+__all__ = [
+    "QuantGrid",
+    "QuantizedWeight",
+    "HessianAccumulator",
+    "grid_params",
+    "quantize_codes",
+    "dequantize_codes",
+    "gptq_quantize",
+    "rtn_quantize",
+]
+
+# fp16 range of the stored scales: a scale is rounded to fp16 *before* the codes are chosen, so
+# the checkpoint (fp16 scales) dequantizes to exactly what the algorithm measured its error on
+_SCALE_MIN = torch.finfo(torch.float16).tiny
+_SCALE_MAX = torch.finfo(torch.float16).max
+_DAMP_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """The integer grid: ``bits`` per weight, one (scale, zero) per ``group_size`` input
+    columns (-1: one per output row), symmetric or asymmetric."""
+
+    bits: int
+    group_size: int = 128
+    sym: bool = True
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def n_groups(self, columns: int) -> int:
+        return 1 if self.group_size <= 0 else -(-columns // self.group_size)
+
+
+@dataclass
+class QuantizedWeight:
+    """One quantized [out, in] matrix: ``codes`` [out, in] in 0..maxq, ``scales`` and ``zeros``
+    [n_groups, out], ``g_idx`` [in] (the group of each input column), ``dequantized`` [out, in]
+    float32 (= (codes - zeros[g_idx]) * scales[g_idx]), and GPTQ's loss (0 for RTN)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    dequantized: torch.Tensor
+    loss: float = 0.0
+    damp: float = 0.0
+
+
+def grid_params(w: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) covering ``w`` [rows, cols] and 0, as in GPTQ's min-max quantizer.
+
+    Zeros are integers in 1..maxq: the v1 checkpoint layout stores ``zero - 1`` in ``bits`` bits,
+    so a zero of 0 (a group with no negative weight) would wrap; such rows get a grid one step
+    wider instead (scale = xmax / (maxq - 1)). Scales are rounded to fp16, the stored precision."""
+    maxq = grid.maxq
+    w = w.to(torch.float32)
+    xmin = torch.clamp(w.min(dim=1).values, max=0.0)
+    xmax = torch.clamp(w.max(dim=1).values, min=0.0)
+    if grid.sym:
+        # symmetric about 0 in every row; the reference code keeps xmin = 0 for a row without
+        # negative weights, which with the mid-range zero clips that row's upper half
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    if grid.sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale)
+        wrap = zero < 1  # see the docstring: keep zero - 1 representable
+        scale = torch.where(wrap, xmax / (maxq - 1), scale)
+        zero = torch.clamp(zero, 1, maxq)
+    scale = scale.clamp(_SCALE_MIN, _SCALE_MAX).to(torch.float16).to(torch.float32)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (float tensor of whole numbers) of ``w`` [rows] or [rows, cols] on the grid."""
+    if w.dim() == 2:
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    if q.dim() == 2:
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+    return (q - zero) * scale
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ x xᵀ over the rows x of a Linear's inputs (GPTQ, Section 3, eq. 1)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float32)
+        n = x.shape[0]
+        # rescale the running mean so that H stays 2/n Σ x xᵀ without growing with n
+        self.hessian.mul_(self.rows / (self.rows + n))
+        self.rows += n
+        x = x * (2.0 / self.rows) ** 0.5
+        self.hessian.addmm_(x.t(), x)
+
+
+def _group_bounds(grid: QuantGrid, columns: int) -> int:
+    return columns if grid.group_size <= 0 else grid.group_size
+
+
+def rtn_quantize(weight: torch.Tensor, grid: QuantGrid) -> QuantizedWeight:
+    """Round every weight to the nearest grid point of its group: the no-calibration baseline."""
+    w = weight.detach().to(torch.float32)
+    rows, columns = w.shape
+    size = _group_bounds(grid, columns)
+    scales, zeros, codes = [], [], torch.empty_like(w)
+    for start in range(0, columns, size):
+        scale, zero = grid_params(w[:, start : start + size], grid)
+        codes[:, start : start + size] = quantize_codes(w[:, start : start + size], scale, zero, grid.maxq)
+        scales.append(scale)
+        zeros.append(zero)
+    g_idx = torch.arange(columns, device=w.device) // size
+    return _finish(codes, torch.stack(scales), torch.stack(zeros), g_idx)
+
+
+def _finish(codes, scales, zeros, g_idx, loss: float = 0.0, damp: float = 0.0) -> QuantizedWeight:
+    deq = (codes - zeros[g_idx].t()) * scales[g_idx].t()
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8).cpu(),
+        scales=scales.cpu(),
+        zeros=zeros.to(torch.int32).cpu(),
+        g_idx=g_idx.to(torch.int32).cpu(),
+        dequantized=deq.cpu(),
+        loss=loss,
+        damp=damp,
+    )
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H⁻¹ after dampening (GPTQ, Section 4, "Cholesky Reformulation").
+
+    λ = damp · mean(diag H) is added to the diagonal; if H is still not positive definite
+    (too few calibration tokens for the width), λ grows tenfold a few times before giving up."""
+    mean_diag = torch.mean(torch.diag(hessian)).item()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for _ in range(_DAMP_RETRIES):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0:
+                return upper, damp
+        damp *= 10
+    raise ConversionError(
+        "GPTQ: the calibration Hessian is not positive definite even with heavy dampening; "
+        "raise calib_samples or damp"
+    )
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: QuantGrid,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """Quantize ``weight`` [out, in] column by column, compensating each column's rounding error
+    on the not-yet-quantized columns through the inverse Hessian (GPTQ, Algorithm 1).
+
+    ``act_order`` visits columns by decreasing Hessian diagonal ("desc_act"); without
+    ``static_groups`` its groups are then consecutive in that order and ``g_idx`` maps each
+    original column to its group. ``static_groups`` fixes every group's grid from the original
+    weights up front, so groups stay in the natural column order."""
+    device = hessian.device
+    w = weight.detach().to(device, torch.float32).clone()
+    h = hessian.to(torch.float32).clone()
+    rows, columns = w.shape
+    size = _group_bounds(grid, columns)
+    if grid.group_size > 0 and block_size % size:
+        block_size = size * max(1, block_size // size)  # a group never straddles two blocks
+
+    # dead inputs (always zero in the calibration data) carry no information: fix H and drop them
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    static: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if static_groups or grid.group_size <= 0:
+        static = [grid_params(w[:, s : s + size], grid) for s in range(0, columns, size)]
+
+    perm = torch.arange(columns, device=device)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w, h = w[:, perm], h[perm][:, perm]
+
+    hinv, damp_used = _inverse_cholesky(h, damp)
+    del h
+    codes = torch.zeros_like(w)
+    losses = torch.zeros(rows, device=device)
+    n_groups = grid.n_groups(columns)
+    scales = torch.zeros(n_groups, rows, device=device)
+    zeros = torch.zeros(n_groups, rows, device=device)
+    if static:
+        scales[:], zeros[:] = torch.stack([s for s, _ in static]), torch.stack([z for _, z in static])
+
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static_groups or grid.group_size <= 0:
+                g = int(perm[col]) // size
+            else:
+                g = col // size
+                if col % size == 0:  # a new group: its grid from the error-updated weights
+                    scales[g], zeros[g] = grid_params(w1[:, i : i + size], grid)
+            q = quantize_codes(w1[:, i], scales[g], zeros[g], grid.maxq)
+            q1[:, i] = q
+            deq = dequantize_codes(q, scales[g], zeros[g])
+            d = hinv1[i, i]
+            losses += (w1[:, i] - deq) ** 2 / d**2 / 2
+            err = (w1[:, i] - deq) / d
+            # lazy batch update inside the block (Section 4, "Lazy Batch-Updates")
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        codes[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inverse = torch.argsort(perm)
+    codes = codes[:, inverse]
+    if static_groups or grid.group_size <= 0:
+        g_idx = torch.arange(columns, device=device) // size
+    else:
+        g_idx = inverse // size  # original column j was quantized at position inverse[j]
+    return _finish(codes, scales, zeros, g_idx, loss=float(losses.sum().item()), damp=damp_used)
