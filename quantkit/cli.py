@@ -44,9 +44,12 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--sym/--asym", default=None, help="GPTQ: symmetric or asymmetric integer grid [sym].")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act) [off].")
 @click.option("--static-groups/--no-static-groups", default=None, help="GPTQ: fix group scales before act-order permutes columns [off].")
-@click.option("--calib", default=None, metavar="FILE|DATASET", help="GPTQ: calibration text (default: en/zh/code mix, disjoint from the profiler's texts).")
-@click.option("--calib-samples", type=click.IntRange(1), default=None, help="GPTQ: calibration windows [128].")
-@click.option("--calib-seqlen", type=click.IntRange(16), default=None, help="GPTQ: tokens per calibration window [512].")
+@click.option("--calib", default=None, metavar="FILE", help="GPTQ, onnx:int8-static: calibration text (default: en/zh/code mix, disjoint from the profiler's texts).")
+@click.option("--calib-samples", type=click.IntRange(1), default=None, help="GPTQ, onnx:int8-static: calibration windows [GPTQ 128, ONNX 16].")
+@click.option("--calib-seqlen", type=click.IntRange(16), default=None, help="GPTQ, onnx:int8-static: tokens per calibration window [GPTQ 512, ONNX 256].")
+@click.option("--static-shapes/--dynamic-shapes", default=None, help="ONNX: batch 1 and a fixed sequence length, no KV cache (for Ascend ATC and other NPU compilers) [dynamic].")
+@click.option("--static-seqlen", type=click.IntRange(8), default=None, help="ONNX: the fixed sequence length of --static-shapes [512].")
+@click.option("--opset", type=click.IntRange(11), default=None, help="ONNX: opset to export with [the exporter's choice for the architecture].")
 @click.option("--seed", type=int, default=None, help="Seed for calibration sampling [0].")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.pass_context
@@ -80,14 +83,18 @@ def _render_convert(result) -> None:
     from rich.table import Table
 
     table = Table(title=f"quantkit convert: {result.source['id']}")
-    for col in ("recipe", "file", "size", "tokenization", "KLD mean", "top-1"):
-        table.add_column(col, justify="right" if col in ("size", "KLD mean", "top-1") else "left")
+    for col in ("recipe", "file", "size", "tokenization", "vs source"):
+        table.add_column(col, justify="right" if col == "size" else "left")
     for a in result.artifacts:
         v = a.manifest["details"].get("verification") or {}
         tok = ", ".join(f"{k} {d['tokens']} ok" for k, d in v.get("tokenization", {}).items()) or "-"
-        kld = f"{v['kld_mean']:.2e}" if "kld_mean" in v else "-"
-        top1 = f"{v['top1_agreement']:.3f}" if "top1_agreement" in v else "-"
-        table.add_row(a.recipe, str(a.main_file), _human_bytes(a.file_bytes), tok, kld, top1)
+        if "kld_mean" in v:
+            quality = f"KLD {v['kld_mean']:.2e}, top-1 {v['top1_agreement']:.3f}"
+        elif "cosine_mean" in v:
+            quality = f"cosine {v['cosine_mean']:.5f} (min {v['cosine_min']:.5f})"
+        else:
+            quality = "-"
+        table.add_row(a.recipe, str(a.main_file), _human_bytes(a.file_bytes), tok, quality)
     console = Console()
     console.print(table)
     console.print(f"done in {result.elapsed_s:.1f} s, peak RSS {_human_bytes(result.peak_rss_bytes)}")

@@ -18,12 +18,20 @@ from .artifact import Artifact
 from .errors import VerificationError
 from .profile.quality import kl_divergence, top1_agreement
 from .runtimes import get_runtime
-from .runtimes.torch import TorchReference
+from .runtimes.torch import TorchEncoder, TorchReference
 
-__all__ = ["Reference", "verify_artifact", "FLOAT_KLD_LIMITS"]
+__all__ = ["Reference", "verify_artifact", "FLOAT_KLD_LIMITS", "FLOAT_COSINE_LIMITS", "cosine_rows"]
 
 # mean KLD (nats) a lossless or near-lossless output must stay under
-FLOAT_KLD_LIMITS = {"f32": 1e-3, "f16": 1e-3, "bf16": 5e-3}
+FLOAT_KLD_LIMITS = {"f32": 1e-3, "f16": 1e-3, "bf16": 5e-3, "fp32": 1e-3, "fp16": 1e-3}
+# encoders: the least mean cosine similarity of a float output's embeddings to the source's
+FLOAT_COSINE_LIMITS = {"fp32": 0.9999, "fp16": 0.999}
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.clip(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12, None)
 
 
 @dataclass
@@ -35,6 +43,7 @@ class Reference:
     threads: int | None = None
     allow_pickle: bool = False
     _model: TorchReference | None = None
+    _encoder: TorchEncoder | None = None
     _cache: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
 
     @property
@@ -42,6 +51,12 @@ class Reference:
         if self._model is None:
             self._model = TorchReference(self.folder, threads=self.threads, allow_pickle=self.allow_pickle)
         return self._model
+
+    def embed(self, texts: list[str], max_length: int = 512) -> np.ndarray:
+        """Pooled sentence embeddings of an encoder source."""
+        if self._encoder is None:
+            self._encoder = TorchEncoder(self.folder, threads=self.threads)
+        return self._encoder.embed(texts, max_length)
 
     def logits_uncached(self, window: list[int]) -> np.ndarray:
         return self.model.logits(window)
@@ -92,6 +107,8 @@ def verify_artifact(
         if reference is None:
             result["logits"] = "not compared: the source has no HF checkpoint to run as reference"
             return result
+        if getattr(runtime, "kind", "decoder") == "encoder":
+            return _verify_encoder(artifact, runtime, reference, texts, result)
         hf_tok = reference.model
         for name, text in texts.items():
             ours, theirs = runtime.tokenize(text), hf_tok.tokenize(text)
@@ -104,6 +121,7 @@ def verify_artifact(
             result["tokenization"][name] = {"tokens": len(theirs), "match": True}
         first = next(iter(texts.values()))
         bos = runtime.bos_id if runtime.add_bos else None
+        ctx = min(ctx, getattr(runtime, "max_window", ctx))  # a static-shape model takes no more
         windows = _windows(hf_tok.tokenize(first), bos, ctx, max_tokens)
         klds, agree, n = [], [], 0
         for window in windows:
@@ -127,3 +145,22 @@ def verify_artifact(
         return result
     finally:
         runtime.close()
+
+
+def _verify_encoder(artifact: Artifact, runtime, reference: Reference, texts: dict[str, str], result: dict) -> dict:
+    """Encoders: pooled embeddings of passages of each text against the float32 source."""
+    from .profile.corpus import segments
+
+    scheme = artifact.manifest["recipe"]["scheme"]
+    passages = [p for text in texts.values() for p in segments(text, limit=16)]
+    cos = cosine_rows(runtime.embed(passages), reference.embed(passages))
+    result.pop("kld_limit", None)
+    result.update(passages=len(passages), cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+                  cosine_limit=FLOAT_COSINE_LIMITS.get(scheme))
+    limit = FLOAT_COSINE_LIMITS.get(scheme)
+    if limit is not None and result["cosine_mean"] < limit:
+        raise VerificationError(
+            f"{artifact.main_file.name}: {runtime.name} embeddings differ from transformers: mean cosine "
+            f"{result['cosine_mean']:.6f} < {limit} over {len(passages)} passages"
+        )
+    return result

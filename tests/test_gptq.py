@@ -14,6 +14,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from quantkit.calibration import (
+    CALIB_CODE_MODULES,
+    calibration_texts,
+    calibration_windows,
+)
 from quantkit.errors import InputError, RecipeError, UnsupportedArchitectureError
 from quantkit.formats import ConvertOptions, get_format
 from quantkit.formats.gptq import quantize_source
@@ -22,11 +27,6 @@ from quantkit.formats.gptq.algorithm import (
     QuantGrid,
     gptq_quantize,
     rtn_quantize,
-)
-from quantkit.formats.gptq.calibration import (
-    CALIB_CODE_MODULES,
-    calibration_texts,
-    calibration_windows,
 )
 from quantkit.formats.gptq.writer import write_checkpoint
 from quantkit.profile.corpus import _CODE_MODULES, default_texts

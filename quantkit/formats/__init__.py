@@ -17,7 +17,7 @@ from ..errors import RecipeError
 __all__ = ["FORMATS", "Format", "ConvertOptions", "register_format", "get_format"]
 
 FORMATS: dict[str, Format] = {}
-_BUILTIN = ("quantkit.formats.gguf", "quantkit.formats.bnb", "quantkit.formats.gptq")
+_BUILTIN = ("quantkit.formats.gguf", "quantkit.formats.bnb", "quantkit.formats.gptq", "quantkit.formats.onnx")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["DEFAULT_DOMAINS", "default_texts", "code_text", "read_texts", "load_eval_data"]
+__all__ = ["DEFAULT_DOMAINS", "default_texts", "code_text", "read_texts", "load_eval_data", "segments"]
 
 DEFAULT_DOMAINS = ("en", "zh", "code")
 # small, stable, pure-Python standard-library modules: the "code" domain on every machine
@@ -70,3 +70,18 @@ def load_eval_data(spec: list[str] | None = None) -> dict[str, str]:
             known = ", ".join([*DEFAULT_DOMAINS, *_HUB_DATASETS])
             raise InputError(f"evaluation data {item!r} is neither a domain ({known}) nor a file")
     return texts
+
+
+def segments(text: str, limit: int | None = None, max_chars: int = 400) -> list[str]:
+    """Passages for sentence embeddings: paragraphs (runs of non-blank lines), long ones cut at
+    ``max_chars``, fragments under 16 characters dropped; at most ``limit`` of them."""
+    out: list[str] = []
+    for block in text.split("\n\n"):
+        block = " ".join(line.strip() for line in block.splitlines() if line.strip())
+        for start in range(0, len(block), max_chars):
+            piece = block[start : start + max_chars]
+            if len(piece) >= 16:
+                out.append(piece)
+            if limit and len(out) >= limit:
+                return out
+    return out

@@ -34,9 +34,12 @@ def _proc_status_bytes(key: str) -> int:
 
 
 def measure_latency(
-    fmt: str, path: Path, *, ctx: int, prompt_tokens: int, generate_tokens: int, repeats: int, threads: int
+    fmt: str, path: Path, *, ctx: int, prompt_tokens: int, generate_tokens: int, repeats: int, threads: int,
+    kind: str = "decoder",
 ) -> dict:
-    args = dict(fmt=fmt, path=str(path), ctx=ctx, prompt_tokens=prompt_tokens,
+    """Decoders: time to first token, prefill and decode speed. Encoders: passages embedded one
+    at a time (``encode_texts_per_s``, ``encode_tokens_per_s``)."""
+    args = dict(fmt=fmt, kind=kind, path=str(path), ctx=ctx, prompt_tokens=prompt_tokens,
                 generate_tokens=generate_tokens, repeats=repeats, threads=threads)
     proc = subprocess.run(
         [sys.executable, "-m", "quantkit.profile.latency", json.dumps(args)],
@@ -47,6 +50,18 @@ def measure_latency(
         raise QuantkitError(f"latency worker failed for {path.name}: {tail}")
     raw = json.loads(proc.stdout.strip().splitlines()[-1])
     runs = raw["runs"]
+    memory = {"peak_rss_bytes": raw["peak_rss_bytes"], "baseline_rss_bytes": raw["baseline_rss_bytes"]}
+    if kind == "encoder":
+        return {
+            "threads": threads,
+            "repeats": repeats,
+            "texts": raw["texts"],
+            "tokens": raw["tokens"],
+            "encode_s": spread([r["encode_s"] for r in runs]),
+            "encode_texts_per_s": spread([raw["texts"] / r["encode_s"] for r in runs]),
+            "encode_tokens_per_s": spread([raw["tokens"] / r["encode_s"] for r in runs]),
+            "_memory": memory,
+        }
     p, g = raw["prompt_tokens"], generate_tokens
     return {
         "threads": threads,
@@ -56,7 +71,7 @@ def measure_latency(
         "ttft_s": spread([r["prefill_s"] for r in runs]),
         "prefill_tokens_per_s": spread([p / r["prefill_s"] for r in runs]),
         "decode_tokens_per_s": spread([g / r["decode_s"] for r in runs]),
-        "_memory": {"peak_rss_bytes": raw["peak_rss_bytes"], "baseline_rss_bytes": raw["baseline_rss_bytes"]},
+        "_memory": memory,
     }
 
 
@@ -69,10 +84,19 @@ def _worker(args: dict) -> None:
     baseline = _proc_status_bytes("VmRSS")
     runtime = runtime_cls(Path(args["path"]), n_ctx=args["ctx"], threads=args["threads"], logits_all=False)
     text = default_texts()["en"]
+    if args.get("kind") == "encoder":
+        from .corpus import segments
+
+        passages = segments(text, limit=32)
+        tokens = sum(len(runtime.tokenize(p)) for p in passages)
+        runs = [runtime.encode_timed(passages) for _ in range(args["repeats"] + 1)][1:]
+        print(json.dumps({"runs": runs, "texts": len(passages), "tokens": tokens, "peak_rss_bytes": _proc_status_bytes("VmHWM"),
+                          "baseline_rss_bytes": baseline}))
+        return
     tokens = runtime.tokenize(text)
     while len(tokens) < args["prompt_tokens"]:
         tokens += tokens
-    room = args["ctx"] - args["generate_tokens"] - 1
+    room = min(args["ctx"], getattr(runtime, "max_window", args["ctx"])) - args["generate_tokens"] - 1
     prompt = tokens[: max(1, min(args["prompt_tokens"], room))]
     runs = [runtime.generate_timed(prompt, args["generate_tokens"]) for _ in range(args["repeats"] + 1)][1:]
     peak = _proc_status_bytes("VmHWM")

@@ -70,17 +70,19 @@ def profile_artifact(
     threads = threads or os.cpu_count() or 1
     fmt, main, manifest = locate_artifact(artifact)
     runtime_cls = get_runtime(fmt)
+    desc = runtime_cls.describe(main)
+    kind = desc.get("kind", "decoder")
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "artifact": {"path": str(artifact), "format": fmt, "runtime": runtime_cls.name, "manifest": manifest},
+        "artifact": {"path": str(artifact), "format": fmt, "kind": kind, "runtime": runtime_cls.name, "manifest": manifest},
         "reference": None,
         "settings": {"ctx": ctx, "chunks": chunks, "threads": threads, "scored": "second half of each window"},
         "tool_versions": tool_versions(),
     }
     if reference is not None:
         report["reference"] = {"source": reference.source.to_manifest(), "runtime": "transformers (float32)"}
-        report["quality"] = _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_dir, progress)
-    desc = runtime_cls.describe(main)
+        scorer = _quality if kind == "decoder" else _embedding_quality
+        report["quality"] = scorer(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_dir, progress)
     host = host_info(threads)
     report["host"] = host
     memory: dict[str, Any] = {
@@ -88,12 +90,14 @@ def profile_artifact(
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(desc),
         "ctx": ctx,
     }
-    bytes_per_token = desc["bytes_read_per_token"] + kv_cache_bytes_per_token(desc) * (prompt_tokens + generate_tokens // 2)
-    roofline = host["memory_bandwidth_bytes_per_s"] / bytes_per_token
-    host["decode_roofline_tokens_per_s"] = roofline
-    host["bytes_read_per_token"] = bytes_per_token
+    roofline = None
+    if kind == "decoder":
+        bytes_per_token = desc["bytes_read_per_token"] + kv_cache_bytes_per_token(desc) * (prompt_tokens + generate_tokens // 2)
+        roofline = host["memory_bandwidth_bytes_per_s"] / bytes_per_token
+        host["decode_roofline_tokens_per_s"] = roofline
+        host["bytes_read_per_token"] = bytes_per_token
     if latency:
-        lat = measure_latency(fmt, main, ctx=ctx, prompt_tokens=prompt_tokens,
+        lat = measure_latency(fmt, main, kind=kind, ctx=ctx, prompt_tokens=prompt_tokens,
                               generate_tokens=generate_tokens, repeats=repeats, threads=threads)
         measured_mem = lat.pop("_memory")
         lat["measured"] = True
@@ -103,15 +107,45 @@ def profile_artifact(
         memory["predicted_peak_bytes"] = sum(terms.values())
         memory["predicted_terms"] = terms
         memory["predicted_error_pct"] = 100.0 * (memory["predicted_peak_bytes"] - memory["peak_rss_bytes"]) / memory["peak_rss_bytes"]
-        host["decode_roofline_fraction"] = lat["decode_tokens_per_s"]["median"] / roofline
+        if roofline:
+            host["decode_roofline_fraction"] = lat["decode_tokens_per_s"]["median"] / roofline
     report["memory"] = memory
     return report
+
+
+def _embedding_quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_dir, progress) -> dict[str, Any]:
+    """Encoders: cosine similarity of pooled passage embeddings to the reference's."""
+    import numpy as np
+
+    from ..verify import cosine_rows
+    from .corpus import segments
+
+    runtime = runtime_cls(main, n_ctx=ctx, threads=threads)
+    per_domain, everything = {}, []
+    try:
+        for domain, text in texts.items():
+            passages = segments(text, limit=16 * (chunks or 4))
+            if not passages:
+                raise InputError(f"evaluation text {domain!r} has no passage of 16 characters or more")
+            with (progress or Progress(False)).task(f"embedding {domain}", len(passages)):
+                cos = cosine_rows(runtime.embed(passages), reference.embed(passages, max_length=ctx))
+            per_domain[domain] = _cosine_figures(cos)
+            everything.append(cos)
+    finally:
+        runtime.close()
+    return {**_cosine_figures(np.concatenate(everything)), "domains": per_domain, "measured": True}
+
+
+def _cosine_figures(cos) -> dict[str, Any]:
+    return {"passages": int(cos.size), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
 def _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_dir, progress) -> dict[str, Any]:
     runtime = runtime_cls(main, n_ctx=ctx, threads=threads)
     per_domain, all_parts = {}, []
     try:
+        if getattr(runtime, "max_window", ctx) < ctx:
+            raise InputError(f"{main}: this static-shape model takes windows of {runtime.max_window} tokens; pass --ctx {runtime.max_window}")
         bos = runtime.bos_id if runtime.add_bos else None
         for domain, text in texts.items():
             windows = make_windows(runtime.tokenize(text), bos, ctx, chunks)

@@ -25,7 +25,14 @@ def profile_table(report: dict) -> None:
 
     console = Console()
     q = report.get("quality")
-    if q:
+    if q and "cosine_mean" in q:
+        t = Table(title="embedding quality vs reference (measured, cosine similarity of pooled embeddings)")
+        for col in ("domain", "passages", "cosine_mean", "cosine_min"):
+            t.add_column(col, justify="left" if col == "domain" else "right")
+        for name, d in [*q["domains"].items(), ("overall", q)]:
+            t.add_row(name, str(d["passages"]), f"{d['cosine_mean']:.5f}", f"{d['cosine_min']:.5f}")
+        console.print(t)
+    elif q:
         t = Table(title=f"quality vs reference (measured, ctx {report['settings']['ctx']}, second half scored)")
         for col in ("domain", "tokens", "kld_mean", "kld_p99", "kld_max", "top1", "ppl", "ppl_ref", "Δppl %"):
             t.add_column(col, justify="left" if col == "domain" else "right")
@@ -34,7 +41,15 @@ def profile_table(report: dict) -> None:
                       f"{d['top1_agreement']:.3f}", f"{d['ppl']:.2f}", f"{d['ppl_reference']:.2f}", f"{d['ppl_delta_pct']:+.2f}")
         console.print(t)
     lat = report.get("latency")
-    if lat:
+    if lat and "encode_s" in lat:
+        t = Table(title=f"latency (measured, {lat['threads']} threads, {lat['texts']} passages one at a time, median (min–max) of {lat['repeats']})")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for key, unit in (("encode_texts_per_s", "passages/s"), ("encode_tokens_per_s", "tok/s")):
+            s = lat[key]
+            t.add_row(key, f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) {unit}")
+        console.print(t)
+    elif lat:
         t = Table(title=f"latency (measured, {lat['threads']} threads, median (min–max) of {lat['repeats']})")
         t.add_column("metric")
         t.add_column("value", justify="right")
@@ -54,7 +69,8 @@ def profile_table(report: dict) -> None:
         t.add_row("predicted_peak_bytes", f"{_mb(m['predicted_peak_bytes'])} ({m['predicted_error_pct']:+.1f}%)", "estimated")
     t.add_row("kv_cache_bytes_per_token", f"{m['kv_cache_bytes_per_token']:,}", "estimated")
     t.add_row("memory bandwidth", f"{h['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s", "measured")
-    t.add_row("decode_roofline_tokens_per_s", f"{h['decode_roofline_tokens_per_s']:.1f}", "estimated")
+    if "decode_roofline_tokens_per_s" in h:
+        t.add_row("decode_roofline_tokens_per_s", f"{h['decode_roofline_tokens_per_s']:.1f}", "estimated")
     if "decode_roofline_fraction" in h:
         t.add_row("decode_roofline_fraction", f"{h['decode_roofline_fraction']:.2f}", "measured/estimated")
     console.print(t)

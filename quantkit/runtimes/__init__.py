@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["RUNTIMES", "register_runtime", "get_runtime"]
 
 RUNTIMES: dict[str, Any] = {}
-_BUILTIN = ("quantkit.runtimes.llamacpp", "quantkit.runtimes.bnb", "quantkit.runtimes.gptq")
+_BUILTIN = ("quantkit.runtimes.llamacpp", "quantkit.runtimes.bnb", "quantkit.runtimes.gptq", "quantkit.runtimes.onnx")
 
 
 def register_runtime(fmt: str):

@@ -132,8 +132,8 @@ def quantize_source(
     import torch
     from transformers import AutoTokenizer
 
+    from ...calibration import calibration_texts, calibration_windows
     from .algorithm import QuantGrid
-    from .calibration import calibration_texts, calibration_windows
     from .sequential import GPTQSettings, pick_device, quantize_model
 
     progress = progress or Progress(False)

