@@ -16,7 +16,7 @@ import numpy as np
 __all__ = ["host_info", "measure_bandwidth_bytes_per_s"]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -42,7 +42,7 @@ def measure_bandwidth_bytes_per_s(size_bytes: int = 256 << 20, repeats: int = 5)
 
 def host_info(threads: int) -> dict:
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "cores_used": min(threads, os.cpu_count() or threads),
         "threads_used": threads,

@@ -30,7 +30,7 @@ __all__ = [
 # the checkpoint (fp16 scales) dequantizes to exactly what the algorithm measured its error on
 _SCALE_MIN = torch.finfo(torch.float16).tiny
 _SCALE_MAX = torch.finfo(torch.float16).max
-_DAMP_RETRIES = 4
+_MAX_DAMP = 1.0  # λ = mean(diag H) makes any positive semi-definite H safely invertible
 
 
 @dataclass(frozen=True)
@@ -161,17 +161,20 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor,
     """Upper Cholesky factor of H⁻¹ after dampening (GPTQ, Section 4, "Cholesky Reformulation").
 
     λ = damp · mean(diag H) is added to the diagonal; if H is still not positive definite
-    (too few calibration tokens for the width), λ grows tenfold a few times before giving up."""
+    (too few calibration tokens for the width, or float32 rounding on a near-singular H), λ grows
+    tenfold until it reaches mean(diag H) itself before giving up."""
     mean_diag = torch.mean(torch.diag(hessian)).item()
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for _ in range(_DAMP_RETRIES):
+    while True:
         lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
         if info.item() == 0:
             inverse = torch.cholesky_inverse(lower)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info.item() == 0:
                 return upper, damp
-        damp *= 10
+        if damp >= _MAX_DAMP:
+            break
+        damp = min(damp * 10, _MAX_DAMP)
     raise ConversionError(
         "GPTQ: the calibration Hessian is not positive definite even with heavy dampening; "
         "raise calib_samples or damp"
