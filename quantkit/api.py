@@ -17,7 +17,7 @@ from .recipe import Recipe, parse_recipe
 from .source import resolve_source
 from .verify import FLOAT_KLD_LIMITS, Reference, verify_artifact
 
-__all__ = ["convert", "profile", "ConvertResult", "DEFAULT_RECIPES"]
+__all__ = ["convert", "profile", "list_profiles", "show_profile", "validate_profiles", "ConvertResult", "DEFAULT_RECIPES"]
 
 DEFAULT_RECIPES = ("gguf:q4_k_m",)
 
@@ -144,19 +144,75 @@ def profile(
     quality: bool = True,
     latency: bool = True,
     progress: Progress | None = None,
+    profiles: list[str] | None = None,
+    calibrate_from: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Measure quality loss against the reference, latency and memory of one artifact, here."""
+    """Measure quality loss against the reference, latency and memory of one artifact, here;
+    with ``profiles`` (hardware profile names or files, ``host`` included), add what it would
+    do on each target: fits, estimated speed, compatibility. ``calibrate_from`` takes the host
+    efficiencies from another profile report instead of this artifact's own run."""
     from .embedded import cache_dir
+    from .hardware import HOST, load_profile
     from .profile.corpus import load_eval_data
     from .profile.run import locate_artifact, profile_artifact
     from .report.schema import validate_report
 
+    # profile files are checked before anything is measured
+    targets = [HOST if name == HOST else load_profile(name) for name in dict.fromkeys(profiles or [])]
+    calibration = _calibration_from(calibrate_from) if calibrate_from else None
     _fmt, _main, manifest = locate_artifact(Path(artifact))
     ref = _reference_for(manifest, reference, threads) if quality else None
     texts = load_eval_data(eval_data) if quality else {}
     report = profile_artifact(
         Path(artifact), ref, texts, ctx=ctx, chunks=chunks, threads=threads, latency=latency,
-        cache_dir=cache_dir() / "reference", progress=progress,
+        cache_dir=cache_dir() / "reference", progress=progress, targets=targets, calibration=calibration,
     )
     validate_report(report, "profile")  # what other tools read must match what we ship
     return report
+
+
+def _calibration_from(path: str | Path):
+    import json
+
+    from .errors import InputError
+    from .hardware.estimate import Calibration
+
+    try:
+        efficiency = json.loads(Path(path).read_text(encoding="utf-8"))["host"]["efficiency"]
+        return Calibration(float(efficiency["decode"]), float(efficiency["prefill"]), f"measured run in {path}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a profile report with host efficiencies (profile it with --profile host)") from exc
+
+
+def list_profiles() -> list[dict[str, Any]]:
+    """Every shipped or user profile (validated), plus ``host``, as summary rows."""
+    from .hardware import HOST, load_profile_file, profile_files
+
+    rows = [{"name": HOST, "kind": "cpu", "file": None, "description": "this machine, measured at run time"}]
+    for name, path in profile_files().items():
+        p = load_profile_file(path)
+        rows.append({
+            "name": name, "kind": p.kind, "file": str(path), "description": p.description,
+            "memory_bytes": p.memory.total_bytes, "bandwidth_bytes_per_s": p.memory.bandwidth_bytes_per_s,
+            "runtimes": [f"{r.name} ({r.backend})" for r in p.runtimes],
+        })
+    return rows
+
+
+def show_profile(name: str) -> dict[str, Any]:
+    from .hardware import load_profile
+
+    return load_profile(name).model_dump(mode="json")
+
+
+def validate_profiles(paths: list[str | Path]) -> dict[str, str]:
+    """Validate profile files; returns {path: message} for the broken ones."""
+    from .hardware import ProfileError, load_profile_file
+
+    problems = {}
+    for path in paths:
+        try:
+            load_profile_file(path)
+        except ProfileError as exc:
+            problems[str(path)] = str(exc)
+    return problems

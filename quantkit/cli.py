@@ -109,28 +109,82 @@ def _render_convert(result) -> None:
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads (default: all cores).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency/memory subprocess.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the JSON report here.")
+@click.option("--profile", "profiles", multiple=True, metavar="NAME|FILE", help="Hardware profile to estimate for (repeatable; 'host' is this machine). See: quantkit profiles list.")
+@click.option("--calibrate-from", type=click.Path(), default=None, help="Take host efficiencies from another report (made with --profile host) instead of this artifact's run.")
 @click.pass_context
-def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_latency, json_path):
+def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_latency, json_path, profiles, calibrate_from):
     """Measure ARTIFACT's quality loss, latency and memory on this host."""
     from .api import profile as run_profile
     from .progress import Progress
-    from .report.render import profile_table, write_json
+    from .report.render import profile_table, targets_table, write_json
 
     report = run_profile(
         artifact, reference=reference, eval_data=[s for s in eval_data.split(",") if s],
         ctx=ctx_len, chunks=chunks, threads=threads, latency=not no_latency,
-        progress=Progress(False if ctx.obj["quiet"] else None),
+        progress=Progress(False if ctx.obj["quiet"] else None), profiles=list(profiles),
+        calibrate_from=calibrate_from,
     )
     if json_path:
         write_json(report, json_path)
     profile_table(report)
+    targets_table(report)
+
+
+@cli.group()
+def profiles() -> None:
+    """Hardware profiles: the targets quantkit estimates for (profiles/*.yaml, and 'host')."""
+
+
+@profiles.command("list")
+def profiles_list() -> None:
+    """List the known profiles."""
+    from .api import list_profiles
+    from .report.render import profiles_table
+
+    profiles_table(list_profiles())
+
+
+@profiles.command("show")
+@click.argument("name")
+def profiles_show(name: str) -> None:
+    """Show one profile, validated ('host' is measured now)."""
+    from .api import show_profile
+
+    click.echo(json.dumps(show_profile(name), indent=2))
+
+
+@profiles.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def profiles_validate(files) -> None:
+    """Validate profile FILES; each problem names the file, the line and the field."""
+    from .api import validate_profiles
+
+    problems = validate_profiles(list(files))
+    for path in files:
+        if path not in problems:
+            click.echo(f"ok: {path}")
+    for message in problems.values():
+        click.echo(f"error: {message}", err=True)
+    if problems:
+        click.get_current_context().exit(2)
+
+
+@profiles.command("schema")
+def profiles_schema() -> None:
+    """Print the JSON Schema of a profile file."""
+    from .hardware.schema import HardwareProfile
+
+    click.echo(json.dumps(HardwareProfile.model_json_schema(), indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: map quantkit errors to one-line messages and exit codes."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
+        # without standalone mode click returns, rather than raises, a command's ctx.exit(code)
+        code = cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

@@ -66,6 +66,8 @@ def profile_artifact(
     repeats: int = 3,
     cache_dir: Path | None = None,
     progress=None,
+    targets: list | None = None,  # HardwareProfile objects, or "host" (measured here)
+    calibration=None,  # quantkit.hardware.estimate.Calibration; default: this artifact's own run
 ) -> dict[str, Any]:
     threads = threads or os.cpu_count() or 1
     fmt, main, manifest = locate_artifact(artifact)
@@ -110,7 +112,37 @@ def profile_artifact(
         if roofline:
             host["decode_roofline_fraction"] = lat["decode_tokens_per_s"]["median"] / roofline
     report["memory"] = memory
+    if targets:
+        report["targets"] = _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration)
     return report
+
+
+def _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration) -> list[dict[str, Any]]:
+    """Estimates for each hardware profile; the host's also carries its measurements."""
+    from ..hardware import HOST, host_profile
+    from ..hardware.estimate import artifact_facts, calibrate, estimate_target
+
+    scheme = manifest["recipe"]["scheme"] if manifest else None
+    facts = artifact_facts(fmt, scheme, desc, kv_cache_bytes_per_token(desc))
+    host = host_profile(threads, measured=report["host"])
+    latency = report.get("latency")
+    if latency:
+        own = calibrate(facts, host, latency, ctx, source="this artifact, measured on this host")
+        report["host"]["efficiency"] = {"decode": own.decode, "prefill": own.prefill, "measured": True}
+        calibration = calibration or own
+    out = []
+    for target in targets:
+        profile = host if target == HOST else target
+        estimate = estimate_target(facts, profile, ctx, calibration)
+        if profile.measured and latency and "decode_tokens_per_s" in latency:
+            measured = {"decode_tokens_per_s": latency["decode_tokens_per_s"]["median"],
+                        "prefill_tokens_per_s": latency["prefill_tokens_per_s"]["median"]}
+            estimate["measured"] = measured
+            estimate["estimate_error_pct"] = {
+                k: 100.0 * (estimate[k] - v) / v for k, v in measured.items()
+            }
+        out.append(estimate)
+    return out
 
 
 def _embedding_quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_dir, progress) -> dict[str, Any]:

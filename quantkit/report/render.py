@@ -74,3 +74,60 @@ def profile_table(report: dict) -> None:
     if "decode_roofline_fraction" in h:
         t.add_row("decode_roofline_fraction", f"{h['decode_roofline_fraction']:.2f}", "measured/estimated")
     console.print(t)
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
+
+
+def targets_table(report: dict) -> None:
+    """Fits / compatible / estimated speed per hardware profile (measured where the host ran it),
+    then each target's reasons, runtime and compiler command."""
+    from rich.console import Console
+    from rich.table import Table
+
+    targets = report.get("targets")
+    if not targets:
+        return
+    eff = targets[0]["efficiency"]
+    t = Table(title=f"hardware profiles (estimated, ctx {targets[0]['ctx']}; host efficiency decode "
+                    f"{eff['decode']:.2f}, prefill {eff['prefill']:.2f})")
+    for col in ("profile", "fits", "max ctx", "memory", "compatible", "decode tok/s", "prefill tok/s"):
+        t.add_column(col, justify="right" if col in ("max ctx", "decode tok/s", "prefill tok/s") else "left")
+    for e in targets:
+        decode, prefill = _rate(e.get("decode_tokens_per_s")), _rate(e.get("prefill_tokens_per_s"))
+        if "measured" in e:
+            m, err = e["measured"], e["estimate_error_pct"]
+            decode += f" (measured {_rate(m['decode_tokens_per_s'])}, {err['decode_tokens_per_s']:+.0f}%)"
+            prefill += f" (measured {_rate(m['prefill_tokens_per_s'])}, {err['prefill_tokens_per_s']:+.0f}%)"
+        t.add_row(e["name"], "yes" if e["fits"] else "NO", f"{e['max_ctx']:,}",
+                  f"{e['needed_bytes'] / 1e9:.2f} / {e['usable_bytes'] / 1e9:.1f} GB",
+                  "yes" if e["compatible"] else "NO", decode, prefill)
+    console = Console()
+    console.print(t)
+    for e in targets:
+        if e["compatible"]:
+            console.print(f"[bold]{e['name']}[/bold]: runs with {e.get('runtime', '?')}", highlight=False)
+            if "compile_command" in e:
+                console.print(f"  compile: {e['compile_command']}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"[bold]{e['name']}[/bold]: incompatible", highlight=False)
+            for reason in e["reasons"]:
+                console.print(f"  - {reason}", highlight=False, soft_wrap=True)
+            if e.get("compatible_recipes"):
+                console.print(f"  compatible instead: {', '.join(e['compatible_recipes'])}", highlight=False, soft_wrap=True)
+
+
+def profiles_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="hardware profiles")
+    for col in ("name", "kind", "memory", "bandwidth", "runtimes", "description"):
+        t.add_column(col)
+    for r in rows:
+        memory = _mb(r["memory_bytes"]).replace(" MB", "") if "memory_bytes" in r else "measured"
+        bandwidth = f"{r['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s" if "bandwidth_bytes_per_s" in r else "measured"
+        memory = f"{r['memory_bytes'] / 2**30:.0f} GiB" if "memory_bytes" in r else memory
+        t.add_row(r["name"], r["kind"], memory, bandwidth, ", ".join(r.get("runtimes", [])), r["description"])
+    Console().print(t)

@@ -118,10 +118,13 @@ class GPTQRuntime(TransformersRuntime):
             total += 4 * n
             if name.endswith("embed_tokens.weight"):
                 embedding = 4 * n
+        packed = sum(f.stat().st_size for f in files)
         return {
             "config": config,
             "tensor_bytes": total,
             "embedding_bytes": embedding,
             # loading reads every packed file once while the float32 weights are built
-            "load_transient_bytes": sum(f.stat().st_size for f in files),
+            "load_transient_bytes": packed,
+            "deployed_weight_bytes": packed,
+            "deployed_bytes_read_per_token": packed - (0 if config.get("tie_word_embeddings", True) else embedding // 2),
         }

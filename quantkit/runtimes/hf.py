@@ -17,7 +17,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TransformersRuntime", "config_sizes", "read_config"]
+__all__ = ["TransformersRuntime", "config_sizes", "read_config", "linear_params"]
+
+
+def linear_params(sizes: dict[str, int], n_ff: int, gated: bool = True) -> int:
+    """Weights one token is multiplied through in the transformer blocks (attention q/k/v/o and
+    the feed-forward; the embedding and output head apart): half the FLOPs a token costs."""
+    q = sizes["n_head"] * sizes["head_dim"]
+    kv = sizes["n_head_kv"] * sizes["head_dim"]
+    attention = sizes["n_embd"] * (2 * q + 2 * kv)
+    mlp = (3 if gated else 2) * sizes["n_embd"] * n_ff
+    return sizes["n_layers"] * (attention + mlp)
 
 
 def config_sizes(config: dict[str, Any]) -> dict[str, int]:
@@ -115,6 +125,7 @@ class TransformersRuntime:
         weights = cls.describe_weights(Path(path))
         config, tensor_bytes = weights["config"], weights["tensor_bytes"]
         sizes = config_sizes(config)
+        text = config.get("text_config") or config
         tied = bool(config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", True)))
         return {
             **sizes,
@@ -123,6 +134,11 @@ class TransformersRuntime:
             # decoding reads every weight once, except an untied embedding table (one row per token)
             "bytes_read_per_token": tensor_bytes - (0 if tied else weights["embedding_bytes"]),
             "load_transient_bytes": weights.get("load_transient_bytes", 0),
+            "linear_params": linear_params(sizes, int(text.get("intermediate_size") or 4 * sizes["n_embd"])),
+            "max_ctx": text.get("max_position_embeddings"),
+            # what the weights occupy where the format is served natively (GPTQ kernels keep
+            # them packed), as opposed to this CPU runtime's float32 copy
+            **{k: weights[k] for k in ("deployed_weight_bytes", "deployed_bytes_read_per_token") if k in weights},
         }
 
     def close(self) -> None:

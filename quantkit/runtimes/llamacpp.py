@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import VerificationError
 from . import register_runtime
+from .hf import linear_params
 
 __all__ = ["LlamaCppRuntime"]
 
@@ -115,7 +117,7 @@ class LlamaCppRuntime:
         return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self._llm.n_vocab(),))))
 
     @staticmethod
-    def describe(path: Path) -> dict[str, int]:
+    def describe(path: Path) -> dict[str, Any]:
         """Sizes the memory model and roofline need, read from the GGUF header."""
         from ..formats.gguf.header import read_header
 
@@ -131,6 +133,8 @@ class LlamaCppRuntime:
         embd = names.get("token_embd.weight", 0)
         tied = "output.weight" not in names
         n_vocab = len(reader.fields["tokenizer.ggml.tokens"])
+        sizes = {"n_layers": int(hp("block_count")), "n_embd": n_embd, "n_head": n_head,
+                 "n_head_kv": int(hp("attention.head_count_kv", n_head)), "head_dim": head_dim}
         return {
             "n_layers": int(hp("block_count")),
             "n_embd": n_embd,
@@ -147,6 +151,9 @@ class LlamaCppRuntime:
             # text->id hash map, the piece cache, the loader's copy of the GGUF arrays: about
             # 192 bytes a token) and the output buffer of one float32 logits row
             "runtime_overhead_bytes": n_vocab * (_VOCAB_BYTES_PER_TOKEN + 4),
+            "linear_params": linear_params(sizes, int(hp("feed_forward_length", 4 * n_embd))),
+            "max_ctx": int(hp("context_length", 0)) or None,
+            "tensor_types": sorted({t.tensor_type.name.lower() for t in reader.tensors}),
         }
 
     def close(self) -> None:

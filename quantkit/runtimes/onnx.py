@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import register_runtime
-from .hf import config_sizes, read_config
+from .hf import config_sizes, linear_params, read_config
 from .pooling import read_pooling
 
 __all__ = ["OnnxRuntime", "OnnxSessionInputs"]
@@ -225,8 +225,9 @@ class OnnxRuntime:
         if past:
             inputs = OnnxSessionInputs.from_model_file(path)
             kv_bytes = 2 if inputs.past[0].type == "tensor(float16)" else 4
+        sizes = config_sizes(config)
         return {
-            **config_sizes(config),
+            **sizes,
             "kind": kind,
             "tensor_bytes": graph["weight_bytes"],
             "kv_bytes_per_element": kv_bytes if kind == "decoder" else 0,
@@ -234,6 +235,9 @@ class OnnxRuntime:
             "bytes_read_per_token": graph["weight_bytes"] - graph["embedding_bytes"],
             # ONNX Runtime parses the whole file into memory before it builds its own tensors
             "load_transient_bytes": sum(f.stat().st_size for f in _model_files(path)),
+            "linear_params": linear_params(sizes, int(config.get("intermediate_size") or 4 * sizes["n_embd"]), gated=kind == "decoder"),
+            "max_ctx": config.get("max_position_embeddings"),
+            "graph": graph,
         }
 
     def close(self) -> None:

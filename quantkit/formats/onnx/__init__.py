@@ -153,7 +153,7 @@ class OnnxFormat(Format):
         artifacts = []
         exports: dict[tuple, Path] = {}  # one float32 export per (exporter, shapes, opset)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="quantkit-onnx-", dir=out_dir) as work:
+        with tempfile.TemporaryDirectory(prefix=".quantkit-onnx-", dir=out_dir) as work:
             for recipe in recipes:
                 opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
                 static = opts["static_shapes"]
@@ -197,6 +197,8 @@ class OnnxFormat(Format):
                     info["calibration"].update(quantize.int8_static(fp32_model, target, feeds))
                 else:
                     quantize.int4_weight_only(fp32_model, target, scheme.block_size, scheme.algo)
+            for written in tmp.glob(MODEL_NAME + "*"):  # ONNX Runtime writes external data as 0600
+                written.chmod(0o644)
             info["graph"] = summarize_model(target)
             if options.verify:
                 provisional = Artifact(tmp, target, {"recipe": recipe.to_dict(), "main_file": MODEL_NAME})
