@@ -94,10 +94,6 @@ class OnnxSessionInputs:
         return {k: v for k, v in feeds.items() if k in self.names}
 
 
-def _model_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name))
-
-
 @register_runtime("onnx")
 class OnnxRuntime:
     name = "onnxruntime"
@@ -233,8 +229,10 @@ class OnnxRuntime:
             "kv_bytes_per_element": kv_bytes if kind == "decoder" else 0,
             # decoding reads every weight once, except embedding tables (one row per token)
             "bytes_read_per_token": graph["weight_bytes"] - graph["embedding_bytes"],
-            # ONNX Runtime parses the whole file into memory before it builds its own tensors
-            "load_transient_bytes": sum(f.stat().st_size for f in _model_files(path)),
+            # ONNX Runtime parses the .onnx file into memory before it builds its own tensors
+            # (weights stored inline are held twice for a moment); external data files are read
+            # straight into the tensors
+            "load_transient_bytes": path.stat().st_size,
             "linear_params": linear_params(sizes, int(config.get("intermediate_size") or 4 * sizes["n_embd"]), gated=kind == "decoder"),
             "max_ctx": config.get("max_position_embeddings"),
             "graph": graph,

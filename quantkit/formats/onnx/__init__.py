@@ -191,7 +191,7 @@ class OnnxFormat(Format):
                 elif scheme.dtype == "fp16":
                     quantize.to_fp16(fp32_model, target)
                 elif scheme.dtype == "int8":
-                    quantize.int8_dynamic(fp32_model, target)
+                    info["quantization"] = quantize.int8_dynamic(fp32_model, target)
                 elif scheme.dtype == "int8-static":
                     feeds, info["calibration"] = _calibration_feeds(source, fp32_model, opts, kind)
                     info["calibration"].update(quantize.int8_static(fp32_model, target, feeds))
