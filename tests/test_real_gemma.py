@@ -67,14 +67,17 @@ def test_packaged_gguf_requantizes(tmp_path):
     assert gguf.GGUFReader(art.main_file).fields["general.architecture"].contents() == "gemma3"
 
 
-def test_profile_orders_q8_q4km_q2k(converted):
+def test_profile_orders_q8_q4km_q2k(converted, tmp_path):
     """A measured ordering on real text, per the profiler (not asserted from the type names)."""
+    import json
+
     from tiny_models import SHARED_DATA
 
     from quantkit.api import profile
 
     data = [str(SHARED_DATA / "tinyshakespeare-en.txt"), str(SHARED_DATA / "hongloumeng-zh.txt"), "code"]
-    reports = {r: profile(converted[r].path, eval_data=data, chunks=1) for r in ("gguf:q8_0", "gguf:q4_k_m", "gguf:q2_k")}
+    reports = {r: profile(converted[r].path, eval_data=data, chunks=1, profiles=["host"])
+               for r in ("gguf:q8_0", "gguf:q4_k_m", "gguf:q2_k")}
     q = {r: rep["quality"] for r, rep in reports.items()}
     assert q["gguf:q8_0"]["kld_mean"] < q["gguf:q4_k_m"]["kld_mean"] < q["gguf:q2_k"]["kld_mean"]
     assert q["gguf:q8_0"]["top1_agreement"] > q["gguf:q4_k_m"]["top1_agreement"] > q["gguf:q2_k"]["top1_agreement"]
@@ -82,6 +85,14 @@ def test_profile_orders_q8_q4km_q2k(converted):
     for rep in reports.values():  # the memory model (weights + repack + vocab + KV + compute)
         assert abs(rep["memory"]["predicted_error_pct"]) < 15, rep["memory"]
         assert 0 < rep["host"]["decode_roofline_fraction"] < 1.5
+    # the host estimate for q4_k_m, calibrated on another artifact's run (q8_0), against the
+    # measurement: within 2x
+    (tmp_path / "q8.json").write_text(json.dumps(reports["gguf:q8_0"]))
+    host = profile(converted["gguf:q4_k_m"].path, quality=False, profiles=["host"], calibrate_from=tmp_path / "q8.json")
+    target = host["targets"][0]
+    print("host estimate error vs measurement (%):", target["estimate_error_pct"])
+    for key, measured in target["measured"].items():
+        assert 0.5 <= target[key] / measured <= 2.0, (key, target[key], measured)
 
 
 def test_onnx_int8_and_int4_profile_next_to_gguf(tmp_path):
@@ -98,3 +109,32 @@ def test_onnx_int8_and_int4_profile_next_to_gguf(tmp_path):
         assert report["latency"]["decode_tokens_per_s"]["median"] > 0
         assert report["host"]["decode_roofline_fraction"] > 0
         print(report["artifact"]["manifest"]["recipe"]["scheme"], report["memory"]["predicted_error_pct"])
+
+
+def test_ascend_compatibility_of_gemma_artifacts(converted, tmp_path):
+    """ascend-310p: K-quants and MatMulNBits are out, Q4_0 and static fp16 ONNX are in; the
+    other targets say whether Gemma fits and how fast it should run."""
+    from quantkit.api import profile
+
+    arts = dict(converted)
+    arts.update({a.recipe: a for a in convert(None, ["gguf:q4_0", "onnx:int4"], tmp_path, verify=False).artifacts})
+    static = convert(None, ["onnx:fp16"], tmp_path / "static", verify=False, recipe_options={"static_shapes": True, "static_seqlen": 256})
+    arts["onnx:fp16-static"] = static.artifacts[0]
+    targets = ["ascend-310p", "rtx-4060-8gb", "raspberry-pi-5-8gb"]
+    out = {r: {t["name"]: t for t in profile(arts[r].path, quality=False, latency=False, ctx=256, profiles=targets)["targets"]}
+           for r in ("gguf:q4_k_m", "gguf:q4_0", "onnx:int4", "onnx:fp16-static")}
+    ascend = {r: t["ascend-310p"] for r, t in out.items()}
+    assert not ascend["gguf:q4_k_m"]["compatible"] and "quant type" in ascend["gguf:q4_k_m"]["reasons"][0]
+    assert ascend["gguf:q4_0"]["compatible"]
+    assert not ascend["onnx:int4"]["compatible"]
+    assert any("MatMulNBits" in r for r in ascend["onnx:int4"]["reasons"])
+    assert any(r.startswith("dynamic shapes") for r in ascend["onnx:int4"]["reasons"])
+    assert ascend["onnx:fp16-static"]["compatible"], ascend["onnx:fp16-static"]["reasons"]
+    assert "--soc_version=Ascend310P3" in ascend["onnx:fp16-static"]["compile_command"]
+    for r, per_target in out.items():
+        for name, t in per_target.items():
+            assert t["fits"] and t["max_ctx"] >= 256 and t["estimated"], (r, name)
+            assert t["decode_tokens_per_s"] > 0
+    # more bandwidth, faster decoding: the RTX 4060 estimate beats the Raspberry Pi's
+    q4 = out["gguf:q4_0"]
+    assert q4["rtx-4060-8gb"]["decode_tokens_per_s"] > 5 * q4["raspberry-pi-5-8gb"]["decode_tokens_per_s"]

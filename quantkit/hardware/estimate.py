@@ -239,6 +239,8 @@ def compatibility(facts: ArtifactFacts, profile: HardwareProfile) -> tuple[bool,
                 problems += _onnx_problems(facts, profile)
             if not problems:
                 extra["runtime"] = f"{runtime.name} ({runtime.backend})"
+                if runtime.note:
+                    extra["runtime_note"] = runtime.note
                 break
             reasons += [p for p in problems if p not in reasons]
         else:

@@ -42,6 +42,7 @@ class RuntimeSupport(_Strict):
         default=None, description="null: every type of those formats; else GGUF tensor types (f16, q8_0...) or ONNX schemes"
     )
     source: str | None = None
+    note: str | None = Field(default=None, description="a caveat shown with every estimate that uses this runtime")
 
     @field_validator("quant_types")
     @classmethod

@@ -108,6 +108,8 @@ def targets_table(report: dict) -> None:
     for e in targets:
         if e["compatible"]:
             console.print(f"[bold]{e['name']}[/bold]: runs with {e.get('runtime', '?')}", highlight=False)
+            if "runtime_note" in e:
+                console.print(f"  note: {e['runtime_note']}", highlight=False, soft_wrap=True)
             if "compile_command" in e:
                 console.print(f"  compile: {e['compile_command']}", highlight=False, soft_wrap=True)
         else:
