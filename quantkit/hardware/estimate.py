@@ -51,6 +51,13 @@ class ArtifactFacts:
     gguf_tensor_types: frozenset[str] = frozenset()
     onnx_graph: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def has_kv_cache(self) -> bool:
+        """False for a static-shape ONNX decoder: each new token re-runs the whole window."""
+        if not self.onnx_graph:
+            return True
+        return any(name.startswith("past_key_values.") for name in self.onnx_graph.get("inputs", {}))
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -141,10 +148,12 @@ def estimate_target(facts: ArtifactFacts, profile: HardwareProfile, ctx: int, ca
         "estimated": True,
         **extra,
     }
-    if facts.kind == "decoder":
+    result["prefill_tokens_per_s"] = bounds["prefill_tokens_per_s"] * eff.prefill
+    if facts.kind == "decoder" and facts.has_kv_cache:
         result["decode_roofline_tokens_per_s"] = bounds["decode_tokens_per_s"]
         result["decode_tokens_per_s"] = bounds["decode_tokens_per_s"] * eff.decode
-    result["prefill_tokens_per_s"] = bounds["prefill_tokens_per_s"] * eff.prefill
+    elif facts.kind == "decoder":  # no KV cache: every token is a prefill of the whole window
+        result["decode_tokens_per_s"] = result["prefill_tokens_per_s"] / ctx
     return result
 
 
