@@ -17,7 +17,7 @@ from .recipe import Recipe, parse_recipe
 from .source import resolve_source
 from .verify import FLOAT_KLD_LIMITS, Reference, verify_artifact
 
-__all__ = ["convert", "profile", "list_profiles", "show_profile", "validate_profiles", "ConvertResult", "DEFAULT_RECIPES"]
+__all__ = ["convert", "profile", "gate", "convert_and_gate", "policy_profiles", "list_profiles", "show_profile", "validate_profiles", "ConvertResult", "DEFAULT_RECIPES"]
 
 DEFAULT_RECIPES = ("gguf:q4_k_m",)
 
@@ -216,3 +216,83 @@ def validate_profiles(paths: list[str | Path]) -> dict[str, str]:
         except ProfileError as exc:
             problems[str(path)] = str(exc)
     return problems
+
+
+def gate(
+    reports: list[str | Path | dict[str, Any]],
+    policy: str | Path,
+    *,
+    baseline: list[str | Path | dict[str, Any]] | None = None,
+    html: str | Path | None = None,
+    markdown: str | Path | None = None,
+):
+    """Check profile reports against a policy file; write the Markdown and HTML reports if asked.
+
+    Returns a :class:`quantkit.gate.GateResult` (``.passed``, ``.failed``). Bad input (a policy or
+    report that cannot be read, a metric a report lacks) raises InputError."""
+    from .artifact import atomic_file
+    from .gate import evaluate, load_policy, read_report
+    from .report.gate_render import render_html, render_markdown
+
+    rules = load_policy(policy)
+
+    def load(items):
+        return [item if isinstance(item, dict) else read_report(item) for item in items]
+
+    if rules.baseline and not baseline:
+        from .errors import InputError
+
+        raise InputError(f"{policy}: the policy has a baseline rule; pass --baseline OLD_REPORT.json")
+    result = evaluate(load(reports), rules, load(baseline or []))
+    for path, text in ((markdown, render_markdown(result) if markdown else None), (html, render_html(result) if html else None)):
+        if path:
+            with atomic_file(Path(path)) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+    return result
+
+
+def policy_profiles(policy: str | Path) -> list[str]:
+    """The hardware profiles a policy needs estimates for (fits, compatible, PROFILE.metric rules)."""
+    from .gate import TARGET_METRICS, load_policy
+    from .hardware import profile_files
+
+    rules = load_policy(policy)
+    names = [*rules.fits, *rules.compatible]
+    known = set(profile_files()) | {"host"}
+    names += [name.rpartition(".")[0] for name in rules.rules if name.rpartition(".")[0] in known
+              and name.rpartition(".")[2] in TARGET_METRICS]
+    return list(dict.fromkeys(names))
+
+
+def convert_and_gate(
+    source: str | Path | None,
+    to: Iterable[str | Recipe],
+    out_dir: str | Path,
+    policy: str | Path,
+    *,
+    html: str | Path | None = None,
+    markdown: str | Path | None = None,
+    reports_dir: str | Path | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    chunks: int | None = 4,
+    **convert_options: Any,
+):
+    """convert -> profile (with the policy's hardware profiles; ``chunks`` windows per domain)
+    -> gate, in one go. Returns (ConvertResult, GateResult); each report is written as
+    ``<artifact>.profile.json`` beside the artifacts (or in ``reports_dir``)."""
+    import json
+
+    from .gate import load_policy
+
+    load_policy(policy)  # a broken policy fails before anything is converted
+    profiles = policy_profiles(policy)
+    converted = convert(source, to, out_dir, threads=threads, progress=progress, **convert_options)
+    reports = []
+    for artifact in converted.artifacts:
+        report = profile(artifact.path, threads=threads, progress=progress, profiles=profiles, chunks=chunks)
+        target = Path(reports_dir or out_dir) / f"{artifact.path.name}.profile.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        reports.append(report)
+    return converted, gate(reports, policy, html=html, markdown=markdown)

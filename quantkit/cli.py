@@ -52,19 +52,20 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--opset", type=click.IntRange(11), default=None, help="ONNX: opset to export with [the exporter's choice for the architecture].")
 @click.option("--seed", type=int, default=None, help="Seed for calibration sampling [0].")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+@click.option("--gate", "gate_policy", type=click.Path(), default=None, help="Then profile every artifact and gate it against this policy (exit 1 if a rule fails).")
+@click.option("--html", "html_path", type=click.Path(), default=None, help="With --gate: write the HTML report here.")
+@click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="With --gate: write the Markdown summary here.")
 @click.pass_context
-def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, threads, as_json, **recipe_options):
+def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, threads, as_json, gate_policy,
+            html_path, markdown_path, **recipe_options):
     """Convert SOURCE (HF folder, hub id or .gguf file; default: the embedded Gemma 3 270M)."""
-    from .api import DEFAULT_RECIPES
+    from .api import DEFAULT_RECIPES, convert_and_gate
     from .api import convert as run_convert
     from .profile.corpus import read_texts
     from .progress import Progress
 
     quiet = ctx.obj["quiet"] or as_json
-    result = run_convert(
-        source,
-        recipes or DEFAULT_RECIPES,
-        out_dir,
+    options = dict(
         verify=verify,
         verify_texts=read_texts(list(verify_files)) if verify_files else None,
         allow_pickle=allow_pickle,
@@ -72,10 +73,46 @@ def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, t
         recipe_options=recipe_options,
         progress=Progress(None if not quiet else False),
     )
+    if gate_policy:
+        result, verdict = convert_and_gate(source, recipes or DEFAULT_RECIPES, out_dir, gate_policy,
+                                           html=html_path, markdown=markdown_path, **options)
+    else:
+        result, verdict = run_convert(source, recipes or DEFAULT_RECIPES, out_dir, **options), None
+    if as_json:
+        out = result.to_dict()
+        if verdict is not None:
+            out["gate"] = verdict.to_dict()
+        click.echo(json.dumps(out, indent=2))
+    else:
+        _render_convert(result)
+        if verdict is not None:
+            from .report.render import gate_table
+
+            gate_table(verdict)
+    if verdict is not None and not verdict.passed:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path())
+@click.option("--policy", required=True, type=click.Path(), help="Policy YAML: rules, fits, compatible, baseline.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Path(), help="Earlier report(s) for the policy's regression rule.")
+@click.option("--html", "html_path", type=click.Path(), default=None, help="Write the HTML report (with plots) here.")
+@click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="Write the Markdown summary here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@click.pass_context
+def gate(ctx, reports, policy, baselines, html_path, markdown_path, as_json):
+    """Gate profile REPORTS against a policy: exit 0 if every rule holds, 1 if one fails, 2 on bad input."""
+    from .api import gate as run_gate
+    from .report.render import gate_table
+
+    result = run_gate(list(reports), policy, baseline=list(baselines), html=html_path, markdown=markdown_path)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-        return
-    _render_convert(result)
+    else:
+        gate_table(result)
+    if not result.passed:
+        ctx.exit(1)
 
 
 def _render_convert(result) -> None:

@@ -138,3 +138,28 @@ def test_ascend_compatibility_of_gemma_artifacts(converted, tmp_path):
     # more bandwidth, faster decoding: the RTX 4060 estimate beats the Raspberry Pi's
     q4 = out["gguf:q4_0"]
     assert q4["rtx-4060-8gb"]["decode_tokens_per_s"] > 5 * q4["raspberry-pi-5-8gb"]["decode_tokens_per_s"]
+
+
+def test_convert_profile_gate(tmp_path, capsys):
+    """quantkit convert --gate on Gemma 3 270M: a policy that passes (exit 0), then the same
+    report against a policy that fails (exit 1, naming the failing rule), with the HTML report."""
+    import json
+
+    from quantkit.cli import main
+
+    passing, failing = tmp_path / "pass.yaml", tmp_path / "fail.yaml"
+    passing.write_text("rules:\n  kld_mean: {max: 0.05}\n  top1_agreement: {min: 0.9}\n  file_bytes: {max: 300000000}\n"
+                       "  decode_tokens_per_s: {min: 1}\nfits: [rtx-4060-8gb, raspberry-pi-5-8gb]\n")
+    failing.write_text("rules:\n  kld_mean: {max: 0.05}\n  zh.top1_agreement: {min: 0.99}\ncompatible: [ascend-310p]\n")
+    out = tmp_path / "out"
+    html = tmp_path / "gate.html"
+    code = main(["-q", "convert", "--to", "gguf:q4_k_m", "-o", str(out), "--gate", str(passing), "--html", str(html), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["gate"]["passed"], result["gate"]
+    assert 'id="plot-pareto"' in html.read_text()
+    report = out / "gemma-3-270m-q4_k_m.profile.json"
+    assert json.loads(report.read_text())["targets"][0]["name"] == "rtx-4060-8gb"
+    # the same report, a stricter policy: zh top-1 and Ascend compatibility (K-quants) fail
+    assert main(["gate", str(report), "--policy", str(failing), "--json"]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["failed"] == ["zh.top1_agreement", "compatible:ascend-310p"]

@@ -133,3 +133,16 @@ def profiles_table(rows: list[dict]) -> None:
         memory = f"{r['memory_bytes'] / 2**30:.0f} GiB" if "memory_bytes" in r else memory
         t.add_row(r["name"], r["kind"], memory, bandwidth, ", ".join(r.get("runtimes", [])), r["description"])
     Console().print(t)
+
+
+def gate_table(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"quantkit gate: {'PASS' if result.passed else 'FAIL'}")
+    for col in ("artifact", "rule", "value", "limit", "verdict", "kind"):
+        t.add_column(col)
+    for r in result.results:
+        value = r.value if isinstance(r.value, bool) else f"{r.value:.4g}"
+        t.add_row(r.artifact, r.rule, str(value), r.limit, "pass" if r.passed else "[bold red]FAIL[/bold red]", r.kind)
+    Console().print(t)

@@ -1,0 +1,131 @@
+"""Small, dependency-free SVG charts for the HTML report: a scatter with a highlighted front, and
+grouped bars. Each returns one ``<svg>`` element with an ``id``; no scripts, no external files.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+__all__ = ["scatter", "grouped_bars", "PALETTE"]
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_W, _H, _L, _R, _T, _B = 720, 360, 70, 20, 30, 60
+
+
+def _ticks(lo: float, hi: float, log: bool) -> list[float]:
+    if log:
+        return [10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
+    span = (hi - lo) or 1.0
+    step = 10 ** math.floor(math.log10(span / 4))
+    for mult in (1, 2, 5, 10):
+        if span / (step * mult) <= 6:
+            step *= mult
+            break
+    start = math.floor(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step) + 2)]
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e9:
+        return f"{v / 1e9:g}G"
+    if abs(v) >= 1e6:
+        return f"{v / 1e6:g}M"
+    if abs(v) >= 1e3:
+        return f"{v / 1e3:g}k"
+    return f"{v:g}"
+
+
+def _axes(svg: list[str], xlabel: str, ylabel: str, xt, yt, sx, sy) -> None:
+    svg.append(f'<line x1="{_L}" y1="{_H - _B}" x2="{_W - _R}" y2="{_H - _B}" stroke="#333"/>')
+    svg.append(f'<line x1="{_L}" y1="{_T}" x2="{_L}" y2="{_H - _B}" stroke="#333"/>')
+    for t in xt:
+        x = sx(t)
+        if _L - 1 <= x <= _W - _R + 1:
+            svg.append(f'<text x="{x:.1f}" y="{_H - _B + 16}" font-size="11" text-anchor="middle">{_fmt(t)}</text>')
+    for t in yt:
+        y = sy(t)
+        if _T - 1 <= y <= _H - _B + 1:
+            svg.append(f'<line x1="{_L}" y1="{y:.1f}" x2="{_W - _R}" y2="{y:.1f}" stroke="#eee"/>')
+            svg.append(f'<text x="{_L - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{_fmt(t)}</text>')
+    svg.append(f'<text x="{(_L + _W - _R) / 2}" y="{_H - 18}" font-size="12" text-anchor="middle">{escape(xlabel)}</text>')
+    svg.append(f'<text x="16" y="{(_T + _H - _B) / 2}" font-size="12" text-anchor="middle" '
+               f'transform="rotate(-90 16 {(_T + _H - _B) / 2})">{escape(ylabel)}</text>')
+
+
+def scatter(points: list[tuple[str, float, float]], front: list[str], *, svg_id: str, title: str,
+            xlabel: str, ylabel: str, log_y: bool = True) -> str:
+    """``points`` (label, x, y); the labels in ``front`` are joined by a line and drawn bold."""
+    xs = [p[1] for p in points]
+    ys = [max(p[2], 1e-6) if log_y else p[2] for p in points]
+    x_lo, x_hi = min(xs) * 0.9, max(xs) * 1.1
+    if log_y:
+        y_lo, y_hi = min(ys) / 2, max(ys) * 2
+        ly_lo, ly_hi = math.log10(y_lo), math.log10(y_hi)
+
+        def sy(v):
+            return _H - _B - (math.log10(max(v, 1e-12)) - ly_lo) / (ly_hi - ly_lo) * (_H - _T - _B)
+    else:
+        y_lo, y_hi = 0.0, max(ys) * 1.15 or 1.0
+
+        def sy(v):
+            return _H - _B - (v - y_lo) / (y_hi - y_lo) * (_H - _T - _B)
+
+    def sx(v):
+        return _L + (v - x_lo) / ((x_hi - x_lo) or 1.0) * (_W - _L - _R)
+
+    svg = [f'<svg id="{svg_id}" class="plot" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}" role="img">',
+           f'<title>{escape(title)}</title>',
+           f'<text x="{_W / 2}" y="18" font-size="14" text-anchor="middle" font-weight="bold">{escape(title)}</text>']
+    _axes(svg, xlabel, ylabel, _ticks(x_lo, x_hi, False), _ticks(y_lo, y_hi, log_y), sx, sy)
+    on_front = sorted((p for p in points if p[0] in front), key=lambda p: p[1])
+    if len(on_front) > 1:
+        path = " ".join(f"{sx(p[1]):.1f},{sy(max(p[2], 1e-6)):.1f}" for p in on_front)
+        svg.append(f'<polyline class="pareto-front" points="{path}" fill="none" stroke="#d62728" stroke-width="2" stroke-dasharray="6 3"/>')
+    for i, (label, x, y) in enumerate(points):
+        bold = label in front
+        color = PALETTE[i % len(PALETTE)]
+        svg.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(max(y, 1e-6)):.1f}" r="{6 if bold else 4}" fill="{color}" '
+                   f'stroke="{"#d62728" if bold else "none"}" stroke-width="2"><title>{escape(label)}: {x:g}, {y:g}</title></circle>')
+        weight = ' font-weight="bold"' if bold else ""
+        svg.append(f'<text x="{sx(x) + 8:.1f}" y="{sy(max(y, 1e-6)) - 6:.1f}" font-size="11"{weight}>{escape(label)}</text>')
+    svg.append("</svg>")
+    return "\n".join(svg)
+
+
+def grouped_bars(groups: list[str], series: dict[str, list[float | None]], *, svg_id: str, title: str,
+                 ylabel: str, hatched: set[str] = frozenset()) -> str:
+    """One group of bars per entry of ``groups``; one bar per series (None: no bar). Series in
+    ``hatched`` are drawn lighter (estimates next to measurements)."""
+    values = [v for vs in series.values() for v in vs if v is not None]
+    y_hi = (max(values) if values else 1.0) * 1.15 or 1.0
+
+    def sy(v):
+        return _H - _B - v / y_hi * (_H - _T - _B)
+
+    svg = [f'<svg id="{svg_id}" class="plot" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_W} {_H + 20 * ((len(series) + 3) // 4)}" '
+           f'width="{_W}" height="{_H + 20 * ((len(series) + 3) // 4)}" role="img">',
+           f'<title>{escape(title)}</title>',
+           f'<text x="{_W / 2}" y="18" font-size="14" text-anchor="middle" font-weight="bold">{escape(title)}</text>']
+    _axes(svg, "", ylabel, [], _ticks(0, y_hi, False), lambda v: v, sy)
+    slot = (_W - _L - _R) / max(1, len(groups))
+    width = slot * 0.8 / max(1, len(series))
+    for gi, group in enumerate(groups):
+        x0 = _L + gi * slot + slot * 0.1
+        svg.append(f'<text x="{x0 + slot * 0.4:.1f}" y="{_H - _B + 16}" font-size="11" text-anchor="middle">{escape(group)}</text>')
+        for si, (name, vs) in enumerate(series.items()):
+            v = vs[gi]
+            if v is None:
+                continue
+            opacity = 0.45 if name in hatched else 1.0
+            svg.append(f'<rect class="bar" x="{x0 + si * width:.1f}" y="{sy(v):.1f}" width="{width * 0.95:.1f}" height="{max(0.5, sy(0) - sy(v)):.1f}" '
+                       f'fill="{PALETTE[si % len(PALETTE)]}" fill-opacity="{opacity}"><title>{escape(group)} / {escape(name)}: {v:g}</title></rect>')
+    for si, name in enumerate(series):
+        lx, ly = _L + (si % 4) * 160, _H - 8 + 20 * (si // 4)
+        opacity = 0.45 if name in hatched else 1.0
+        svg.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{PALETTE[si % len(PALETTE)]}" fill-opacity="{opacity}"/>')
+        svg.append(f'<text x="{lx + 16}" y="{ly}" font-size="11">{escape(name)}</text>')
+    svg.append("</svg>")
+    return "\n".join(svg)
