@@ -17,7 +17,7 @@ from .recipe import Recipe, parse_recipe
 from .source import resolve_source
 from .verify import FLOAT_KLD_LIMITS, Reference, verify_artifact
 
-__all__ = ["convert", "profile", "gate", "convert_and_gate", "policy_profiles", "list_profiles", "show_profile", "validate_profiles", "ConvertResult", "DEFAULT_RECIPES"]
+__all__ = ["convert", "profile", "gate", "plan", "convert_and_gate", "policy_profiles", "list_profiles", "show_profile", "validate_profiles", "ConvertResult", "DEFAULT_RECIPES"]
 
 DEFAULT_RECIPES = ("gguf:q4_k_m",)
 
@@ -296,3 +296,21 @@ def convert_and_gate(
         target.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         reports.append(report)
     return converted, gate(reports, policy, html=html, markdown=markdown)
+
+
+def plan(
+    source: str | Path | None,
+    profile_name: str,
+    out_dir: str | Path = "quantkit-plan",
+    *,
+    max_kld: float = 0.05,
+    min_decode_tps: float | None = None,
+    ctx: int = 512,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Pick the best recipe for a hardware profile (see ``quantkit.plan``); resumable in ``out_dir``."""
+    from .plan import plan as run_plan
+
+    return run_plan(source, profile_name, Path(out_dir), max_kld=max_kld, min_decode_tps=min_decode_tps,
+                    ctx=ctx, threads=threads, progress=progress)

@@ -167,6 +167,32 @@ def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_la
     targets_table(report)
 
 
+@cli.command()
+@click.argument("source", required=False)
+@click.option("--profile", "profile_name", required=True, metavar="NAME", help="Hardware profile to plan for.")
+@click.option("--max-kld", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True, help="Quality bound: kld_mean at most this.")
+@click.option("--min-decode-tps", type=click.FloatRange(0), default=None, help="Estimated decode tokens/s on the target at least this.")
+@click.option("--ctx", "ctx_len", type=click.IntRange(16), default=512, show_default=True, help="Context the model must fit with.")
+@click.option("-o", "--out", "out_dir", default="quantkit-plan", show_default=True, help="Folder for candidates, reports and plan.json (resumable).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_context
+def plan(ctx, source, profile_name, max_kld, min_decode_tps, ctx_len, out_dir, threads, as_json):
+    """Pick the best recipe for a hardware profile: prune by estimates, convert and profile the rest."""
+    from .api import plan as run_plan
+    from .progress import Progress
+    from .report.render import plan_table
+
+    result = run_plan(source, profile_name, out_dir, max_kld=max_kld, min_decode_tps=min_decode_tps, ctx=ctx_len,
+                      threads=threads, progress=Progress(False if ctx.obj["quiet"] or as_json else None))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        plan_table(result, out_dir)
+    if result["recommendation"] is None:
+        ctx.exit(1)
+
+
 @cli.group()
 def profiles() -> None:
     """Hardware profiles: the targets quantkit estimates for (profiles/*.yaml, and 'host')."""

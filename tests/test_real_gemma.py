@@ -163,3 +163,19 @@ def test_convert_profile_gate(tmp_path, capsys):
     assert main(["gate", str(report), "--policy", str(failing), "--json"]) == 1
     verdict = json.loads(capsys.readouterr().out)
     assert verdict["failed"] == ["zh.top1_agreement", "compatible:ascend-310p"]
+
+
+def test_plan_for_raspberry_pi(tmp_path):
+    """quantkit plan on Gemma 3 270M for a Raspberry Pi 5: a recommendation and its report."""
+    import json
+
+    from quantkit.api import plan
+
+    result = plan(None, "raspberry-pi-5-8gb", tmp_path, max_kld=0.05, ctx=512)
+    rec = result["recommendation"]
+    assert rec is not None, [(c["recipe"], c["status"]) for c in result["candidates"]]
+    report = json.loads(open(rec["report"]).read())
+    assert report["quality"]["kld_mean"] == rec["kld_mean"] <= 0.05
+    pi = report["targets"][0]
+    assert pi["name"] == "raspberry-pi-5-8gb" and pi["fits"] and pi["compatible"]
+    print("plan:", [(c["recipe"], c["status"], c.get("kld_mean")) for c in result["candidates"]])

@@ -146,3 +146,26 @@ def gate_table(result) -> None:
         value = r.value if isinstance(r.value, bool) else f"{r.value:.4g}"
         t.add_row(r.artifact, r.rule, str(value), r.limit, "pass" if r.passed else "[bold red]FAIL[/bold red]", r.kind)
     Console().print(t)
+
+
+def plan_table(result: dict, out_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"quantkit plan for {result['profile']} (max kld_mean {result['max_kld']}, ctx {result['ctx']})")
+    for col in ("recipe", "est. memory", "est. decode tok/s", "kld_mean", "status"):
+        t.add_column(col, justify="right" if col in ("est. memory", "est. decode tok/s", "kld_mean") else "left")
+    for r in result["candidates"]:
+        decode = r.get("decode_tokens_per_s") or r.get("estimated_decode_tokens_per_s")
+        t.add_row(r["recipe"], _mb(r["estimated_bytes"]), "-" if decode is None else f"{decode:.1f}",
+                  "-" if "kld_mean" not in r else f"{r['kld_mean']:.4f}", r["status"])
+    console = Console()
+    console.print(t)
+    console.print(f"Pareto front (size against KLD) of the profiled: {', '.join(result['pareto_front']) or '-'}")
+    rec = result["recommendation"]
+    if rec:
+        console.print(f"[bold]recommendation: {rec['recipe']}[/bold]: kld_mean {rec['kld_mean']:.4f}, "
+                      f"{rec['file_bytes'] / 1e6:.1f} MB, estimated {rec['decode_tokens_per_s']:.1f} tok/s on {result['profile']}\n"
+                      f"  artifact {rec['artifact']}\n  report {rec['report']}\n  plots {out_dir}/plan.html", highlight=False)
+    else:
+        console.print("no candidate meets the bounds; relax --max-kld or --min-decode-tps", highlight=False)

@@ -1,0 +1,198 @@
+"""The planner: pick the best recipe for one hardware profile.
+
+1. Enumerate candidate recipes across GGUF, GPTQ and ONNX (:data:`CANDIDATES`, one table).
+2. Before converting anything, estimate each one's size, fit, compatibility and decode speed on
+   the target from the source's shape (the hardware estimates of ``quantkit.hardware``), and drop
+   those that cannot fit, cannot run there, or are estimated below ``min_decode_tps``.
+3. Convert and profile the rest, fastest estimate first. The objective is the fastest decoding
+   that keeps quality (``kld_mean <= max_kld``); once a candidate qualifies, every later one is
+   estimated slower, so none can win and the search stops.
+4. Print the Pareto front (size against KLD) of what was profiled and the recommendation with
+   its report. Runs are resumable: ``plan-state.json`` in the output folder remembers finished
+   candidates (keyed by source fingerprint and recipe), which are not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+__all__ = ["CANDIDATES", "Candidate", "plan"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    recipe: str
+    bits_per_weight: float  # average over the quantized weights, format overhead included
+    embedding_bits: float  # what the token-embedding table is stored in
+    tensor_types: tuple[str, ...] = ()  # GGUF: the types llama.cpp will write (main ones)
+    operators: tuple[str, ...] = ()  # ONNX: non-trivial operators the recipe adds
+
+
+# bits per weight: llama.cpp's own figures for its types; GPTQ 4 bits + fp16 scale/zero per group
+# of 128 (+0.25); ONNX MatMulNBits blocks of 32 (+0.5)
+CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("gguf:q8_0", 8.5, 8.5, ("q8_0",)),
+    Candidate("gguf:q6_k", 6.56, 6.56, ("q6_k",)),
+    Candidate("gguf:q5_k_m", 5.69, 6.56, ("q5_k", "q6_k")),
+    Candidate("gguf:q4_k_m", 4.85, 6.56, ("q4_k", "q6_k")),
+    Candidate("gguf:q4_0", 4.5, 4.5, ("q4_0",)),
+    Candidate("gguf:q3_k_m", 3.91, 6.56, ("q3_k", "q5_k")),
+    Candidate("gguf:f16", 16.0, 16.0, ("f16",)),
+    Candidate("gptq:w4g128", 4.25, 16.0),
+    Candidate("gptq:w8g128", 8.25, 16.0),
+    Candidate("onnx:int8", 8.0, 8.0, (), ("ai.onnx::MatMulInteger", "ai.onnx::DynamicQuantizeLinear")),
+    Candidate("onnx:int4", 4.5, 4.5, (), ("com.microsoft::MatMulNBits", "com.microsoft::GatherBlockQuantized")),
+    Candidate("onnx:int8-static", 8.0, 32.0, (), ("ai.onnx::QuantizeLinear", "ai.onnx::DequantizeLinear")),
+    Candidate("onnx:fp16", 16.0, 16.0, (), ("ai.onnx::MatMul",)),
+)
+
+
+def _shape(source) -> dict[str, int]:
+    from .runtimes.hf import config_sizes, linear_params
+
+    cfg = source.config.get("text_config") or source.config
+    sizes = config_sizes(source.config)
+    n_ff = int(cfg.get("intermediate_size") or 4 * sizes["n_embd"])
+    embedding = sizes["n_vocab"] * sizes["n_embd"]
+    total = sum(_numel(t.shape) for t in source.tensors.values()) or (linear_params(sizes, n_ff) + embedding)
+    return {**sizes, "linear_params": linear_params(sizes, n_ff), "embedding_params": embedding,
+            "other_params": max(0, total - embedding), "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
+    from .hardware.estimate import ArtifactFacts
+
+    fmt, _, scheme = candidate.recipe.partition(":")
+    weights = int(shape["other_params"] * candidate.bits_per_weight / 8 + shape["embedding_params"] * candidate.embedding_bits / 8)
+    kv_per_element = 4 if fmt == "onnx" else 2
+    graph: dict[str, Any] = {}
+    if fmt == "onnx":
+        inputs = {"input_ids": [1, "s"], "attention_mask": [1, "s"]}
+        graph = {"operators": dict.fromkeys(candidate.operators, 1), "opset": 21 if scheme == "int4" else 18,
+                 "inputs": {**inputs, **({} if static else {"past_key_values.0.key": [1, 1, "p", 1]})},
+                 "dynamic_inputs": [] if static else sorted(inputs)}
+    return ArtifactFacts(
+        format=fmt, scheme=scheme, kind="decoder", weight_bytes=weights, bytes_read_per_token=weights,
+        kv_bytes_per_token=2 * shape["n_layers"] * shape["n_head_kv"] * shape["head_dim"] * kv_per_element,
+        linear_params=shape["linear_params"], n_vocab=shape["n_vocab"], n_embd=shape["n_embd"],
+        max_ctx=shape["max_ctx"] or None, gguf_tensor_types=frozenset(candidate.tensor_types), onnx_graph=graph,
+    )
+
+
+def _state(path: Path, fingerprint: str) -> dict[str, Any]:
+    if path.is_file():
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("source_fingerprint") == fingerprint:
+            return state
+    return {"source_fingerprint": fingerprint, "done": {}}
+
+
+def plan(
+    source,
+    profile_name: str,
+    out_dir: Path,
+    *,
+    max_kld: float = 0.05,
+    min_decode_tps: float | None = None,
+    ctx: int = 512,
+    chunks: int = 2,
+    threads: int | None = None,
+    progress=None,
+    candidates: tuple[Candidate, ...] = CANDIDATES,
+) -> dict[str, Any]:
+    """Estimate, prune, convert and profile candidates; return the plan (also ``plan.json``)."""
+    from .api import convert, profile
+    from .hardware import load_profile
+    from .hardware.estimate import estimate_target
+    from .report.gate_render import pareto_front
+    from .source import resolve_source
+
+    target = load_profile(profile_name, threads)
+    src = resolve_source(source)
+    if src.kind != "hf":
+        raise InputError(f"{src.id}: the planner needs an HF checkpoint (GPTQ and ONNX start from one)")
+    shape = _shape(src)
+    static = target.constraints.static_shapes
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_file = out_dir / "plan-state.json"
+    state = _state(state_file, src.fingerprint)
+
+    considered, queue = [], []
+    for cand in candidates:
+        est = estimate_target(_facts(cand, shape, static), target, ctx, None)
+        row = {"recipe": cand.recipe + (" --static-shapes" if static and cand.recipe.startswith("onnx:") else ""),
+               "estimated_bytes": est["needed_bytes"], "fits": est["fits"], "compatible": est["compatible"],
+               "reasons": est["reasons"], "estimated_decode_tokens_per_s": est.get("decode_tokens_per_s")}
+        why = [] if est["fits"] else [f"does not fit ({est['needed_bytes'] / 1e9:.2f} GB > {est['usable_bytes'] / 1e9:.2f} GB usable)"]
+        why += est["reasons"]
+        if min_decode_tps and (est.get("decode_tokens_per_s") or 0) < min_decode_tps:
+            why.append(f"estimated decode {est.get('decode_tokens_per_s', 0):.1f} tok/s < {min_decode_tps}")
+        row["status"] = "pruned: " + "; ".join(why) if why else "queued"
+        considered.append(row)
+        if not why:
+            queue.append((cand, row))
+    queue.sort(key=lambda item: -(item[1]["estimated_decode_tokens_per_s"] or 0))
+
+    recommendation = None
+    for cand, row in queue:
+        key = f"{cand.recipe}|static={static}|ctx={ctx}|chunks={chunks}"
+        done = state["done"].get(key)
+        if done and Path(done["report"]).is_file() and Path(done["artifact"]).is_dir():
+            report = json.loads(Path(done["report"]).read_text(encoding="utf-8"))
+            row["resumed"] = True
+        else:
+            options = {"static_shapes": True} if static and cand.recipe.startswith("onnx:") else {}
+            art = convert(src.path, [cand.recipe], out_dir / "artifacts", threads=threads, progress=progress,
+                          recipe_options=options, verify=False).artifacts[0]
+            report = profile(art.path, ctx=ctx, chunks=chunks, threads=threads, progress=progress,
+                             profiles=[profile_name], latency=not static)
+            report_file = out_dir / "reports" / f"{art.path.name}.json"
+            report_file.parent.mkdir(parents=True, exist_ok=True)
+            report_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            state["done"][key] = {"artifact": str(art.path), "report": str(report_file)}
+            state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        est = report["targets"][0]
+        kld = report["quality"]["kld_mean"]
+        row.update(kld_mean=kld, file_bytes=report["memory"]["file_bytes"], compatible=est["compatible"], fits=est["fits"],
+                   decode_tokens_per_s=est.get("decode_tokens_per_s"), report=state["done"][key]["report"],
+                   artifact=state["done"][key]["artifact"])
+        ok = est["compatible"] and est["fits"] and kld <= max_kld and (not min_decode_tps or (est.get("decode_tokens_per_s") or 0) >= min_decode_tps)
+        row["status"] = "qualifies" if ok else "profiled: " + (f"kld_mean {kld:.4f} > {max_kld}" if kld > max_kld else "fails the target")
+        if ok:
+            recommendation = row
+            break  # every later candidate is estimated slower on this target: none can win
+    for _, row in queue:
+        if row["status"] == "queued":
+            row["status"] = "skipped: estimated slower than the recommendation"
+    profiled = [(r["recipe"], r["file_bytes"] / 1e6, r["kld_mean"]) for r in considered if "kld_mean" in r]
+    result = {
+        "source": src.to_manifest(), "profile": profile_name, "ctx": ctx, "max_kld": max_kld,
+        "min_decode_tps": min_decode_tps, "candidates": considered,
+        "pareto_front": pareto_front(profiled), "recommendation": recommendation,
+    }
+    (out_dir / "plan.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _write_html(out_dir / "plan.html", [r["report"] for r in considered if "report" in r])
+    return result
+
+
+def _write_html(path: Path, report_files: list[str]) -> None:
+    """The profiled candidates' plots (size against KLD, per domain, speed per profile)."""
+    from .gate import GateResult
+    from .report.gate_render import render_html
+
+    reports = [json.loads(Path(f).read_text(encoding="utf-8")) for f in report_files]
+    if reports:
+        path.write_text(render_html(GateResult(reports=reports), title="quantkit plan"), encoding="utf-8")
