@@ -155,7 +155,7 @@ def plan(
             row["resumed"] = True
         else:
             options = {"static_shapes": True} if static and cand.recipe.startswith("onnx:") else {}
-            art = convert(src.path, [cand.recipe], out_dir / "artifacts", threads=threads, progress=progress,
+            art = convert(source, [cand.recipe], out_dir / "artifacts", threads=threads, progress=progress,
                           recipe_options=options, verify=False).artifacts[0]
             report = profile(art.path, ctx=ctx, chunks=chunks, threads=threads, progress=progress,
                              profiles=[profile_name], latency=not static)
