@@ -306,6 +306,8 @@ def test_conversion_is_deterministic(tiny_model, tmp_path, llama_artifacts):
     again = _convert(tiny_model("llama"), ["w4g32"], tmp_path, act_order=True)[0]
     first = llama_artifacts["w4g32"]
     assert _hashes(again.path) == _hashes(first.path)
+    # the manifest too (no timings in it): same input and recipe, same bytes
+    assert (again.path / "manifest.json").read_bytes() == (first.path / "manifest.json").read_bytes()
     other_seed = _convert(tiny_model("llama"), ["w4g32"], tmp_path / "seed1", act_order=True, seed=1)[0]
     assert _hashes(other_seed.path)["model.safetensors"] != _hashes(first.path)["model.safetensors"]
 

@@ -149,7 +149,7 @@ def test_convert_profile_gate(tmp_path, capsys):
 
     passing, failing = tmp_path / "pass.yaml", tmp_path / "fail.yaml"
     passing.write_text("rules:\n  kld_mean: {max: 0.05}\n  top1_agreement: {min: 0.9}\n  file_bytes: {max: 300000000}\n"
-                       "  decode_tokens_per_s: {min: 1}\nfits: [rtx-4060-8gb, raspberry-pi-5-8gb]\n")
+                       "  decode_tokens_per_s: {min: 1}\nfits: [rtx-4060-8gb, raspberry-pi-5-8gb, ascend-310p]\n")
     failing.write_text("rules:\n  kld_mean: {max: 0.05}\n  zh.top1_agreement: {min: 0.99}\ncompatible: [ascend-310p]\n")
     out = tmp_path / "out"
     html = tmp_path / "gate.html"

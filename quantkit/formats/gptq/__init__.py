@@ -9,7 +9,6 @@ calibration (``gptq:w4g128-rtn``), a baseline that shows what GPTQ's error compe
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,12 +166,13 @@ def quantize_source(
     return model, result, calibration
 
 
-def _details(result, calibration: dict, seconds: float) -> dict[str, Any]:
+def _details(result, calibration: dict) -> dict[str, Any]:
+    # no timings here: the manifest is part of the artifact, and the same input and recipe must
+    # give the same bytes (the convert result reports the elapsed time)
     return {
         "calibration": calibration,
         "layers": result.layers,
         "quantized_linears": len(result.weights),
-        "quantize_seconds": round(seconds, 3),
     }
 
 
@@ -214,9 +214,7 @@ class GPTQFormat(Format):
 
         scheme = parse_scheme(recipe.scheme)
         opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
-        start = time.perf_counter()
         model, result, calibration = quantize_source(source, recipe, progress)
-        seconds = time.perf_counter() - start
         qconfig = quantization_config(
             bits=scheme.bits,
             group_size=scheme.group_size,
@@ -235,7 +233,7 @@ class GPTQFormat(Format):
             del model
             write_configs(tmp, source.config, qconfig)
             tokenizer_files = copy_tokenizer_files(source.path, tmp)
-            info = _details(result, calibration, seconds)
+            info = _details(result, calibration)
             info.update(weight_files=weight_files, tokenizer_files=tokenizer_files, quantization_config=qconfig)
             if options.verify:
                 provisional = Artifact(tmp, tmp / "config.json", {"recipe": recipe.to_dict(), "main_file": "config.json"})

@@ -10,7 +10,6 @@ one block's activations are held at a time.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,7 +144,6 @@ def quantize_model(
     with torch.no_grad():
         if settings.method == "rtn":
             for i, block in enumerate(blocks):
-                start = time.perf_counter()
                 linears = _linears(block, spec, i)
                 with task(f"rtn layer {i + 1}/{len(blocks)}", len(linears)) as advance:
                     for name, linear in linears.items():
@@ -153,7 +151,7 @@ def quantize_model(
                         linear.weight.copy_(q.dequantized)
                         result.weights[f"{spec.blocks}.{i}.{name}"] = q
                         advance(1)
-                result.layers.append({"layer": i, "seconds": round(time.perf_counter() - start, 3)})
+                result.layers.append({"layer": i})
             return result
         if not windows:
             raise ConversionError("GPTQ needs calibration windows (or use an -rtn scheme)")
@@ -162,7 +160,6 @@ def quantize_model(
         memo: dict[int, Any] = {}
         inputs = [x.to(device) for x in inputs]
         for i, block in enumerate(blocks):
-            start = time.perf_counter()
             block.to(device)
             kwargs = _to(block_kwargs[i], device, memo)
             linears = _linears(block, spec, i)
@@ -199,7 +196,6 @@ def quantize_model(
                     "layer": i,
                     "gptq_loss_mean": sum(losses) / len(losses),
                     "gptq_loss_max": max(losses),
-                    "seconds": round(time.perf_counter() - start, 3),
                     **({"damp_raised": raised} if raised else {}),
                 }
             )
