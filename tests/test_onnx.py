@@ -155,3 +155,11 @@ def test_minilm_encoder_int8(tmp_path):
     assert report["quality"]["cosine_mean"] >= 0.99 and report["quality"]["domains"]["zh"]["passages"] > 0
     assert report["latency"]["encode_tokens_per_s"]["median"] > 0
     assert "decode_roofline_tokens_per_s" not in report["host"]
+
+
+def test_truncated_model_is_one_line_input_error(tiny_model, tmp_path):
+    art = convert(tiny_model("llama"), ["onnx:int8"], tmp_path, verify=False).artifacts[0]
+    data = art.main_file.read_bytes()
+    art.main_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="(ONNX Runtime cannot load|not a readable ONNX model)"):
+        profile(art.path, quality=False)

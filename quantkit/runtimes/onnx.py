@@ -112,7 +112,11 @@ class OnnxRuntime:
             options.inter_op_num_threads = 1
         available = ort.get_available_providers()
         self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+        except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/... types
+            detail = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+            raise InputError(f"{self.path}: ONNX Runtime cannot load the model ({detail})") from exc
         self.inputs = OnnxSessionInputs.from_session(self.session)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.kind = "decoder" if "logits" in self.outputs else "encoder"
