@@ -1,0 +1,107 @@
+"""GGUF quantization time: `quantkit convert` against calling llama.cpp's quantizer directly
+(`llama_model_quantize` through llama-cpp-python, what `llama-quantize` runs), same input, same
+threads, side by side in one run: wall time and peak RSS of each, median and spread.
+
+    python benchmarks/quantize_gguf.py [--types q4_k_m,q8_0] [--repeats 3] [--threads N] [--quick]
+
+The input is the embedded Gemma 3 270M written once to an F32 GGUF by quantkit (cached under
+out/bench). quantkit's figure is the whole command: process start, reading the source, the same
+llama.cpp call, and hashing the output for the manifest (verification off, as llama-quantize
+does none). Each run is a fresh subprocess; peak RSS is the child's own high-water mark. Prints a
+table; writes benchmarks/results/quantize_gguf.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from quantkit.profile.roofline import cpu_model  # noqa: E402
+
+_DIRECT = """
+import ctypes, sys, llama_cpp
+from quantkit.formats.gguf.quantize import QUANT_SCHEMES
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = int(QUANT_SCHEMES[sys.argv[3]])
+params.nthread = int(sys.argv[4])
+rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params))
+sys.exit(rc)
+"""
+# runs a command and reports its own peak RSS (ru_maxrss of the waited-for child)
+_WRAP = "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+    elapsed = time.perf_counter() - start
+    if out[0] != "0":
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return elapsed, int(out[1])
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", default="q4_k_m,q8_0")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quick", action="store_true", help="one type (q8_0), two repeats")
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "bench")
+    args = ap.parse_args()
+    types = ["q8_0"] if args.quick else args.types.split(",")
+    repeats = 2 if args.quick else args.repeats
+    quantkit = str(Path(sys.executable).with_name("quantkit"))
+
+    f32_dir = args.out / "gemma-3-270m-f32"
+    if not (f32_dir / "manifest.json").is_file():
+        subprocess.run([quantkit, "-q", "convert", "--to", "gguf:f32", "--no-verify", "-o", str(args.out)], check=True)
+    source = next(f32_dir.glob("*.gguf"))
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.out) as work:
+        for qtype in types:
+            runs: dict[str, list[tuple[float, int]]] = {"quantkit convert": [], "llama.cpp llama_model_quantize": []}
+            for i in range(repeats):  # interleaved, so drift in the machine hits both alike
+                runs["quantkit convert"].append(measure([quantkit, "-q", "convert", str(source), "--to", f"gguf:{qtype}",
+                                                         "--no-verify", "--threads", str(args.threads), "-o", f"{work}/qk{i}"]))
+                runs["llama.cpp llama_model_quantize"].append(measure([sys.executable, "-c", _DIRECT, str(source),
+                                                                       f"{work}/direct-{qtype}-{i}.gguf", qtype, str(args.threads)]))
+            for tool, values in runs.items():
+                rows.append({"type": qtype, "tool": tool, "wall_s": spread([v[0] for v in values]),
+                             "peak_rss_bytes": spread([v[1] for v in values])})
+    print(f"\nGGUF quantization of {source.name} ({source.stat().st_size / 1e6:.0f} MB F32), {args.threads} threads, "
+          f"median (min-max) of {repeats}, {cpu_model()}")
+    print(f"{'type':8} {'tool':34} {'wall s':>22} {'peak RSS MB':>12}")
+    for r in rows:
+        w = r["wall_s"]
+        print(f"{r['type']:8} {r['tool']:34} {w['median']:8.2f} ({w['min']:.2f}-{w['max']:.2f}) {r['peak_rss_bytes']['median'] / 1e6:12.0f}")
+    for qtype in types:
+        qk, direct = (next(r for r in rows if r["type"] == qtype and r["tool"] == t) for t in ("quantkit convert", "llama.cpp llama_model_quantize"))
+        ratio = qk["wall_s"]["median"] / direct["wall_s"]["median"]
+        print(f"{qtype}: quantkit / llama.cpp = {ratio:.2f}x wall time")
+    result = REPO / "benchmarks" / "results" / "quantize_gguf.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps({
+        "benchmark": "quantize_gguf", "source": source.name, "threads": args.threads, "repeats": repeats,
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }, indent=2) + "\n")
+    print(f"wrote {result}")
+
+
+if __name__ == "__main__":
+    main()
