@@ -15,7 +15,7 @@ endif
 STAMP := $(VENV)/.quantkit-installed
 DEMO_OUT ?= out/demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench bench-quick
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# benchmarks side by side with the tools users would otherwise use; results in benchmarks/results/
+bench: $(STAMP)
+	$(BIN)/python benchmarks/convert_f16.py
+	$(BIN)/python benchmarks/quantize_gguf.py
+	$(BIN)/python benchmarks/onnx_encoder.py
+	$(BIN)/python benchmarks/profiler_throughput.py --repeats 2
+
+# each script on the smallest setting, in a few minutes; results go to benchmarks/results/quick/
+bench-quick: export QUANTKIT_BENCH_RESULTS = benchmarks/results/quick
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/convert_f16.py --quick
+	$(BIN)/python benchmarks/quantize_gguf.py --quick
+	$(BIN)/python benchmarks/onnx_encoder.py --repeats 2
+	$(BIN)/python benchmarks/profiler_throughput.py --chunks 2 --repeats 1
 
 lint: $(STAMP)
 	$(BIN)/ruff check quantkit tests benchmarks

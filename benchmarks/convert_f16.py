@@ -126,7 +126,7 @@ def main() -> None:
     for r in rows:
         w = r["wall_s"]
         print(f"{r['model'][:34]:34} {r['tool']:34} {w['median']:8.2f} ({w['min']:.2f}-{w['max']:.2f}) {r['peak_rss_bytes']['median'] / 1e6:12.0f}")
-    result = REPO / "benchmarks" / "results" / "convert_f16.json"
+    result = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / "convert_f16.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps({
         "benchmark": "convert_f16", "repeats": repeats, "converter": str(script.relative_to(args.out)),

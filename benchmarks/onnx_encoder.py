@@ -88,7 +88,7 @@ def main() -> None:
         print(f"{r['engine']:34} {r['file_bytes'] / 1e6:7.1f} {r['passages_per_s']:11.1f} {r['tokens_per_s']:9.0f} "
               f"{r['speedup_vs_onnx_fp32']:11.2f}x {r['cosine_mean']:9.5f} {r['cosine_min']:8.5f}")
         del r["times"]
-    out = REPO / "benchmarks" / "results" / "onnx_encoder.json"
+    out = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / "onnx_encoder.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "onnx_encoder", "model": str(args.model), "passages": len(passages), "tokens": tokens,

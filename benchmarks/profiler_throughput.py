@@ -99,7 +99,7 @@ def main() -> None:
         print(f"{r['tool']:42} {r['tokens_scored']:>7} {r['tokens_per_s_median']:>13.1f} "
               f"{r['tokens_per_s_min']:>8.1f} {r['tokens_per_s_max']:>8.1f}  {r['computes']}")
     print(f"ratio quantkit / bare: {rows[0]['tokens_per_s_median'] / rows[1]['tokens_per_s_median']:.2f}")
-    out = REPO / "benchmarks" / "results" / "profiler_throughput.json"
+    out = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / "profiler_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": gguf_file.name, "ctx": args.ctx, "chunks": args.chunks,
                                "threads": args.threads, "rows": rows}, indent=2) + "\n")

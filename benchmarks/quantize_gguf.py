@@ -93,7 +93,7 @@ def main() -> None:
         qk, direct = (next(r for r in rows if r["type"] == qtype and r["tool"] == t) for t in ("quantkit convert", "llama.cpp llama_model_quantize"))
         ratio = qk["wall_s"]["median"] / direct["wall_s"]["median"]
         print(f"{qtype}: quantkit / llama.cpp = {ratio:.2f}x wall time")
-    result = REPO / "benchmarks" / "results" / "quantize_gguf.json"
+    result = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / "quantize_gguf.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps({
         "benchmark": "quantize_gguf", "source": source.name, "threads": args.threads, "repeats": repeats,
