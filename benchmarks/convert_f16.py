@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -32,22 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from _measure import measure, spread  # noqa: E402
+
 from quantkit.profile.roofline import cpu_model  # noqa: E402
-
-_WRAP = "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
-
-
-def measure(cmd: list[str]) -> tuple[float, int]:
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
-    elapsed = time.perf_counter() - start
-    if out[0] != "0":
-        raise SystemExit(f"failed ({out[0]}): {' '.join(cmd)}")
-    return elapsed, int(out[1])
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def llama_cpp_converter(work: Path) -> Path:
@@ -110,14 +96,14 @@ def main() -> None:
         for i in range(repeats):  # interleaved: drift in the machine hits every tool alike
             os.makedirs(f"{work}/copy{i}")
             for tool, cmd in tools.items():
-                runs[tool].append(measure(cmd(i)))
+                runs[tool].append(measure(cmd(i), REPO))
             shutil.rmtree(work, ignore_errors=True)
             os.makedirs(work, exist_ok=True)
         for tool, values in runs.items():
             rows.append({"model": source.name, "tool": tool, "wall_s": spread([v[0] for v in values]),
                          "peak_rss_bytes": spread([v[1] for v in values]), "weights_bytes": weights})
         if not args.quick:  # only quantkit converts the embedded Gemma (tokenizer rebuilt from GGUF)
-            gemma = [measure([quantkit, "-q", "convert", "--to", "gguf:f16", "--no-verify", "-o", f"{work}/g{i}"]) for i in range(repeats)]
+            gemma = [measure([quantkit, "-q", "convert", "--to", "gguf:f16", "--no-verify", "-o", f"{work}/g{i}"], REPO) for i in range(repeats)]
             rows.append({"model": "gemma-3-270m (embedded, float32 checkpoint)", "tool": "quantkit convert --to gguf:f16",
                          "wall_s": spread([v[0] for v in gemma]), "peak_rss_bytes": spread([v[1] for v in gemma]),
                          "weights_bytes": None})

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _measure import measure, spread  # noqa: E402
 
 from quantkit.profile.roofline import cpu_model  # noqa: E402
 
@@ -38,21 +39,6 @@ params.nthread = int(sys.argv[4])
 rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params))
 sys.exit(rc)
 """
-# runs a command and reports its own peak RSS (ru_maxrss of the waited-for child)
-_WRAP = "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
-
-
-def measure(cmd: list[str]) -> tuple[float, int]:
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
-    elapsed = time.perf_counter() - start
-    if out[0] != "0":
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return elapsed, int(out[1])
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
@@ -77,9 +63,9 @@ def main() -> None:
             runs: dict[str, list[tuple[float, int]]] = {"quantkit convert": [], "llama.cpp llama_model_quantize": []}
             for i in range(repeats):  # interleaved, so drift in the machine hits both alike
                 runs["quantkit convert"].append(measure([quantkit, "-q", "convert", str(source), "--to", f"gguf:{qtype}",
-                                                         "--no-verify", "--threads", str(args.threads), "-o", f"{work}/qk{i}"]))
+                                                         "--no-verify", "--threads", str(args.threads), "-o", f"{work}/qk{i}"], REPO))
                 runs["llama.cpp llama_model_quantize"].append(measure([sys.executable, "-c", _DIRECT, str(source),
-                                                                       f"{work}/direct-{qtype}-{i}.gguf", qtype, str(args.threads)]))
+                                                                       f"{work}/direct-{qtype}-{i}.gguf", qtype, str(args.threads)], REPO))
             for tool, values in runs.items():
                 rows.append({"type": qtype, "tool": tool, "wall_s": spread([v[0] for v in values]),
                              "peak_rss_bytes": spread([v[1] for v in values])})

@@ -230,9 +230,9 @@ def gate(
 
     Returns a :class:`quantkit.gate.GateResult` (``.passed``, ``.failed``). Bad input (a policy or
     report that cannot be read, a metric a report lacks) raises InputError."""
-    from .artifact import atomic_file
     from .gate import evaluate, load_policy, read_report
     from .report.gate_render import render_html, render_markdown
+    from .report.render import write_text
 
     rules = load_policy(policy)
 
@@ -246,8 +246,7 @@ def gate(
     result = evaluate(load(reports), rules, load(baseline or []))
     for path, text in ((markdown, render_markdown(result) if markdown else None), (html, render_html(result) if html else None)):
         if path:
-            with atomic_file(Path(path)) as tmp:
-                tmp.write_text(text, encoding="utf-8")
+            write_text(path, text)
     return result
 
 
@@ -281,9 +280,8 @@ def convert_and_gate(
     """convert -> profile (with the policy's hardware profiles; ``chunks`` windows per domain)
     -> gate, in one go. Returns (ConvertResult, GateResult); each report is written as
     ``<artifact>.profile.json`` beside the artifacts (or in ``reports_dir``)."""
-    import json
-
     from .gate import load_policy
+    from .report.render import write_json
 
     load_policy(policy)  # a broken policy fails before anything is converted
     profiles = policy_profiles(policy)
@@ -292,8 +290,7 @@ def convert_and_gate(
     for artifact in converted.artifacts:
         report = profile(artifact.path, threads=threads, progress=progress, profiles=profiles, chunks=chunks)
         target = Path(reports_dir or out_dir) / f"{artifact.path.name}.profile.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(report, target)
         reports.append(report)
     return converted, gate(reports, policy, html=html, markdown=markdown)
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,16 +60,10 @@ def _shape(source) -> dict[str, int]:
     sizes = config_sizes(source.config)
     n_ff = int(cfg.get("intermediate_size") or 4 * sizes["n_embd"])
     embedding = sizes["n_vocab"] * sizes["n_embd"]
-    total = sum(_numel(t.shape) for t in source.tensors.values()) or (linear_params(sizes, n_ff) + embedding)
+    total = sum(math.prod(t.shape) for t in source.tensors.values()) or (linear_params(sizes, n_ff) + embedding)
     return {**sizes, "linear_params": linear_params(sizes, n_ff), "embedding_params": embedding,
             "other_params": max(0, total - embedding), "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
@@ -117,6 +112,7 @@ def plan(
     from .hardware import load_profile
     from .hardware.estimate import estimate_target
     from .report.gate_render import pareto_front
+    from .report.render import write_json
     from .source import resolve_source
 
     target = load_profile(profile_name, threads)
@@ -160,10 +156,9 @@ def plan(
             report = profile(art.path, ctx=ctx, chunks=chunks, threads=threads, progress=progress,
                              profiles=[profile_name], latency=not static)
             report_file = out_dir / "reports" / f"{art.path.name}.json"
-            report_file.parent.mkdir(parents=True, exist_ok=True)
-            report_file.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            write_json(report, report_file)
             state["done"][key] = {"artifact": str(art.path), "report": str(report_file)}
-            state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            write_json(state, state_file)
         est = report["targets"][0]
         kld = report["quality"]["kld_mean"]
         row.update(kld_mean=kld, file_bytes=report["memory"]["file_bytes"], compatible=est["compatible"], fits=est["fits"],
@@ -183,7 +178,7 @@ def plan(
         "min_decode_tps": min_decode_tps, "candidates": considered,
         "pareto_front": pareto_front(profiled), "recommendation": recommendation,
     }
-    (out_dir / "plan.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(result, out_dir / "plan.json")
     _write_html(out_dir / "plan.html", [r["report"] for r in considered if "report" in r])
     return result
 
@@ -192,7 +187,8 @@ def _write_html(path: Path, report_files: list[str]) -> None:
     """The profiled candidates' plots (size against KLD, per domain, speed per profile)."""
     from .gate import GateResult
     from .report.gate_render import render_html
+    from .report.render import write_text
 
     reports = [json.loads(Path(f).read_text(encoding="utf-8")) for f in report_files]
     if reports:
-        path.write_text(render_html(GateResult(reports=reports), title="quantkit plan"), encoding="utf-8")
+        write_text(path, render_html(GateResult(reports=reports), title="quantkit plan"))

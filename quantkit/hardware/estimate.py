@@ -237,26 +237,24 @@ def compatibility(facts: ArtifactFacts, profile: HardwareProfile) -> tuple[bool,
     ``compatible_recipes``."""
     candidates = [r for r in profile.runtimes if facts.format in r.formats]
     extra: dict[str, Any] = {}
+    reasons: list[str] = []
+    chosen = None
     if not candidates:
         offered = "; ".join(f"{r.name} ({r.backend}): {', '.join(r.formats)}" for r in profile.runtimes)
-        reasons = [f"format: no runtime on {profile.name} runs {facts.format} ({offered})"]
-    else:
-        reasons = []
-        for runtime in candidates:
-            problems = [p for p in [_runtime_problem(facts, runtime)] if p]
-            if facts.format == "onnx":
-                problems += _onnx_problems(facts, profile)
-            if not problems:
-                extra["runtime"] = f"{runtime.name} ({runtime.backend})"
-                if runtime.note:
-                    extra["runtime_note"] = runtime.note
-                break
-            reasons += [p for p in problems if p not in reasons]
-        else:
-            candidates = []
-    compatible = bool(candidates)
+        reasons.append(f"format: no runtime on {profile.name} runs {facts.format} ({offered})")
+    onnx_problems = _onnx_problems(facts, profile) if facts.format == "onnx" else []
+    for runtime in candidates:
+        problems = [p for p in [_runtime_problem(facts, runtime), *onnx_problems] if p]
+        if not problems:
+            chosen = runtime
+            break
+        reasons += [p for p in problems if p not in reasons]
+    compatible = chosen is not None
     if compatible:
         reasons = []
+        extra["runtime"] = f"{chosen.name} ({chosen.backend})"
+        if chosen.note:
+            extra["runtime_note"] = chosen.note
         if facts.format == "onnx" and profile.compiler is not None:
             extra["compile_command"] = profile.compiler.command.format(
                 model="model.onnx", output="model", input_shape=_input_shape(facts.onnx_graph)

@@ -79,9 +79,13 @@ def load_profile_file(path: str | Path, check_name: bool = True) -> HardwareProf
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: cannot read profile ({exc.__class__.__name__})") from exc
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+    try:  # one parse: the node tree keeps positions, the same tree builds the data
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

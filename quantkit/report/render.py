@@ -10,9 +10,14 @@ from ..artifact import atomic_file
 __all__ = ["write_json", "profile_table"]
 
 
-def write_json(report: dict, path: str | Path) -> None:
+def write_text(path: str | Path, text: str) -> None:
+    """Write under a temporary name, then rename: no half-written report that looks complete."""
     with atomic_file(Path(path)) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def _mb(n: float) -> str:
@@ -128,9 +133,8 @@ def profiles_table(rows: list[dict]) -> None:
     for col in ("name", "kind", "memory", "bandwidth", "runtimes", "description"):
         t.add_column(col)
     for r in rows:
-        memory = _mb(r["memory_bytes"]).replace(" MB", "") if "memory_bytes" in r else "measured"
+        memory = f"{r['memory_bytes'] / 2**30:.0f} GiB" if "memory_bytes" in r else "measured"
         bandwidth = f"{r['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s" if "bandwidth_bytes_per_s" in r else "measured"
-        memory = f"{r['memory_bytes'] / 2**30:.0f} GiB" if "memory_bytes" in r else memory
         t.add_row(r["name"], r["kind"], memory, bandwidth, ", ".join(r.get("runtimes", [])), r["description"])
     Console().print(t)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TransformersRuntime", "config_sizes", "read_config", "linear_params"]
+__all__ = ["HFTokenizerMixin", "TransformersRuntime", "config_sizes", "read_config", "linear_params"]
 
 
 def linear_params(sizes: dict[str, int], n_ff: int, gated: bool = True) -> int:
@@ -44,7 +44,24 @@ def config_sizes(config: dict[str, Any]) -> dict[str, int]:
     }
 
 
-class TransformersRuntime:
+class HFTokenizerMixin:
+    """Tokenizing through an HF tokenizer held in ``self.tokenizer`` (the part of the runtime
+    interface every runtime that is not llama.cpp shares)."""
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def add_bos(self) -> bool:
+        ids = self.tokenizer("a")["input_ids"]
+        return self.bos_id is not None and ids[:1] == [self.bos_id]
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+class TransformersRuntime(HFTokenizerMixin):
     """A transformers causal LM in float32 on the CPU, behind the profiler's runtime interface."""
 
     name = "transformers"
@@ -81,18 +98,6 @@ class TransformersRuntime:
     def import_library() -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
-
-    @property
-    def add_bos(self) -> bool:
-        ids = self.tokenizer("a")["input_ids"]
-        return self.bos_id is not None and ids[:1] == [self.bos_id]
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         import torch

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import register_runtime
-from .hf import config_sizes, linear_params, read_config
+from .hf import HFTokenizerMixin, config_sizes, linear_params, read_config
 from .pooling import read_pooling
 
 __all__ = ["OnnxRuntime", "OnnxSessionInputs"]
@@ -95,7 +95,7 @@ class OnnxSessionInputs:
 
 
 @register_runtime("onnx")
-class OnnxRuntime:
+class OnnxRuntime(HFTokenizerMixin):
     name = "onnxruntime"
 
     def __init__(self, path: Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True):
@@ -119,6 +119,7 @@ class OnnxRuntime:
             raise InputError(f"{self.path}: ONNX Runtime cannot load the model ({detail})") from exc
         self.inputs = OnnxSessionInputs.from_session(self.session)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.present = [o for o in self.outputs if o.startswith("present.")]  # KV-cache outputs
         self.kind = "decoder" if "logits" in self.outputs else "encoder"
         self.n_ctx = n_ctx
         self.tokenizer = AutoTokenizer.from_pretrained(self.path.parent, trust_remote_code=False)
@@ -134,18 +135,6 @@ class OnnxRuntime:
     def max_window(self) -> int:
         """The longest window one call scores: the fixed length of a static-shape model."""
         return self.inputs.fixed_length or self.n_ctx
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
-
-    @property
-    def add_bos(self) -> bool:
-        ids = self.tokenizer("a")["input_ids"]
-        return self.bos_id is not None and ids[:1] == [self.bos_id]
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         if self.kind != "decoder":
@@ -171,7 +160,7 @@ class OnnxRuntime:
         return new, {"prefill_s": first - start, "decode_s": time.perf_counter() - first}
 
     def _step_with_cache(self, state: dict) -> int:
-        present = [o for o in self.outputs if o.startswith("present.")]
+        present = self.present
         if "past" not in state:
             feeds = self.inputs.feeds(state["tokens"])
         else:
@@ -220,11 +209,8 @@ class OnnxRuntime:
         graph = summarize_model(path)
         config = read_config(path.parent)
         kind = "decoder" if "logits" in graph["outputs"] else "encoder"
-        past = [shape for name, shape in graph["inputs"].items() if name.startswith("past_key_values.")]
-        kv_bytes = 0
-        if past:
-            inputs = OnnxSessionInputs.from_model_file(path)
-            kv_bytes = 2 if inputs.past[0].type == "tensor(float16)" else 4
+        past = [t for name, t in graph["input_types"].items() if name.startswith("past_key_values.")]
+        kv_bytes = (2 if past[0] == 10 else 4) if past else 0  # float16 or float32 cache
         sizes = config_sizes(config)
         return {
             **sizes,

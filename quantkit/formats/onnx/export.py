@@ -8,11 +8,7 @@ HF folder and an :class:`ExportSpec` and writes ``model.onnx`` (plus external da
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,17 +85,17 @@ class OptimumExporter(Exporter):
             raise UnsupportedArchitectureError(
                 f"{folder}: optimum-onnx {self.version()} does not support {task} for model_type {model_type!r}"
             )
-        quiet = io.StringIO()
+        from .quantize import quiet
+
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
-                warnings.simplefilter("ignore")
+            with quiet():
                 main_export(
                     str(folder), output=str(out), task=task, opset=spec.opset, device="cpu",
                     library_name="transformers", trust_remote_code=False, do_validation=False,
                 )
         except (KeyError, ValueError, NotImplementedError) as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            if "not supported" in message or "is not supported" in message or isinstance(exc, KeyError):
+            if "not supported" in message or isinstance(exc, KeyError):
                 raise UnsupportedArchitectureError(f"{folder}: optimum-onnx cannot export it ({message[:200]})") from exc
             raise ConversionError(f"{folder}: ONNX export failed ({message[:200]})") from exc
         model = out / "model.onnx"
@@ -113,19 +109,6 @@ class OptimumExporter(Exporter):
 
 
 EXPORTERS: dict[str, Exporter] = {OptimumExporter.name: OptimumExporter()}
-
-
-@contextlib.contextmanager
-def _quiet_loggers():
-    names = ("optimum", "transformers", "torch.onnx", "onnxruntime")
-    saved = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for n, level in saved.items():
-            logging.getLogger(n).setLevel(level)
 
 
 def fix_static_shapes(model, seqlen: int) -> list[str]:

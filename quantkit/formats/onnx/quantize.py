@@ -21,6 +21,7 @@ own quantizers:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -36,17 +37,20 @@ QUANTIZED_OPS = ["MatMul", "Gemm"]
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """ONNX Runtime's quantizers log every node at INFO and advise pre-processing on the root
-    logger; progress is quantkit's job."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    """Silence the ONNX tools while they work (progress is quantkit's job): ONNX Runtime's
+    quantizers log every node and advise pre-processing on the root logger, optimum and the
+    torch exporter log and print at every step."""
+    names = ("", "optimum", "transformers", "torch.onnx", "onnxruntime")  # "" is the root logger
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        root.setLevel(level)
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def _weight_bytes(model) -> int:
