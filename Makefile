@@ -34,12 +34,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# benchmarks side by side with the tools users would otherwise use; results in benchmarks/results/
+# benchmarks side by side with the tools users would otherwise use (about 25 minutes on 2 cores);
+# results in benchmarks/results/, then the README's tables and plot are regenerated from them
 bench: $(STAMP)
 	$(BIN)/python benchmarks/convert_f16.py
 	$(BIN)/python benchmarks/quantize_gguf.py
 	$(BIN)/python benchmarks/onnx_encoder.py
 	$(BIN)/python benchmarks/profiler_throughput.py --repeats 2
+	$(BIN)/python benchmarks/gemma_recipes.py
+	$(BIN)/python benchmarks/readme.py
 
 # each script on the smallest setting, in a few minutes; results go to benchmarks/results/quick/
 bench-quick: export QUANTKIT_BENCH_RESULTS = benchmarks/results/quick
@@ -48,6 +51,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/quantize_gguf.py --quick
 	$(BIN)/python benchmarks/onnx_encoder.py --repeats 2
 	$(BIN)/python benchmarks/profiler_throughput.py --chunks 2 --repeats 1
+	$(BIN)/python benchmarks/gemma_recipes.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check quantkit tests benchmarks

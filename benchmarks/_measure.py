@@ -1,13 +1,18 @@
-"""Timing helpers shared by the benchmark scripts: a command in a fresh process, its wall time
-and its own peak RSS, and the median/min/max of repeated runs."""
+"""Helpers shared by the benchmark scripts: a command in a fresh process with its wall time and
+its own peak RSS, the median/min/max of repeated runs, the machine line, writing a results file,
+and Markdown tables (the same text is printed and, through benchmarks/readme.py, put in the README)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 # runs a command and reports its exit code and peak RSS (ru_maxrss of the waited-for child)
 _WRAP = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
@@ -26,3 +31,38 @@ def measure(cmd: list[str], cwd: Path) -> tuple[float, int]:
 
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def machine() -> str:
+    from quantkit.profile.roofline import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}"
+
+
+def results_dir() -> Path:
+    """benchmarks/results, or $QUANTKIT_BENCH_RESULTS (make bench-quick writes to results/quick)."""
+    return Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results"))
+
+
+def write_results(name: str, payload: dict) -> Path:
+    """Write ``<results>/<name>.json`` (atomically) with the benchmark name, machine and date added."""
+    from quantkit.report.render import write_json
+
+    path = results_dir() / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json({"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}, path)
+    print(f"wrote {path}")
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def timing(s: dict[str, float], unit: str = "s") -> str:
+    """'3.81 s (3.76–3.98)' from a spread; the range is left out when there was one run."""
+    if s["min"] == s["max"]:
+        return f"{s['median']:.2f} {unit}"
+    return f"{s['median']:.2f} {unit} ({s['min']:.2f}–{s['max']:.2f})"

@@ -15,25 +15,22 @@ committed. Prints a table; writes benchmarks/results/convert_f16.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from _measure import measure, spread  # noqa: E402
+from _measure import markdown_table, measure, spread, timing, write_results  # noqa: E402
+from _models import random_llama  # noqa: E402
 
-from quantkit.profile.roofline import cpu_model  # noqa: E402
+NAME = "convert_f16"
 
 
 def llama_cpp_converter(work: Path) -> Path:
@@ -53,26 +50,6 @@ def llama_cpp_converter(work: Path) -> Path:
     return script
 
 
-def shared_llama(work: Path, layers: int) -> Path:
-    import torch
-    from tiny_models import train_spm
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = work / f"llama-{layers}x1024-f16"
-    if (out / "model.safetensors").is_file():
-        return out
-    tok_dir = train_spm(work / "spm")
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float16)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
-    tok.save_pretrained(out)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -83,7 +60,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     quantkit = str(Path(sys.executable).with_name("quantkit"))
     script = llama_cpp_converter(args.out)
-    source = shared_llama(args.out, 4 if args.quick else 12)
+    source = random_llama(args.out, 4 if args.quick else 12)
     weights = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     rows = []
     with tempfile.TemporaryDirectory(dir=args.out) as work:
@@ -107,19 +84,18 @@ def main() -> None:
             rows.append({"model": "gemma-3-270m (embedded, float32 checkpoint)", "tool": "quantkit convert --to gguf:f16",
                          "wall_s": spread([v[0] for v in gemma]), "peak_rss_bytes": spread([v[1] for v in gemma]),
                          "weights_bytes": None})
-    print(f"\nHF -> GGUF F16, median (min-max) of {repeats} fresh processes, {cpu_model()}")
-    print(f"{'model':34} {'tool':34} {'wall s':>22} {'peak RSS MB':>12}")
-    for r in rows:
-        w = r["wall_s"]
-        print(f"{r['model'][:34]:34} {r['tool']:34} {w['median']:8.2f} ({w['min']:.2f}-{w['max']:.2f}) {r['peak_rss_bytes']['median'] / 1e6:12.0f}")
-    result = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / "convert_f16.json"
-    result.parent.mkdir(parents=True, exist_ok=True)
-    result.write_text(json.dumps({
-        "benchmark": "convert_f16", "repeats": repeats, "converter": str(script.relative_to(args.out)),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }, indent=2) + "\n")
-    print(f"wrote {result}")
+    result = {"repeats": repeats, "converter": str(script.relative_to(args.out)), "rows": rows}
+    print(f"\nHF -> GGUF F16, median (min-max) of {repeats} fresh processes\n{table(result)}")
+    write_results(NAME, result)
+
+
+def table(result: dict) -> str:
+    return markdown_table(["model", "tool", "wall", "peak RSS"], [
+        [r["model"], r["tool"], timing(r["wall_s"]), f"{r['peak_rss_bytes']['median'] / 1e6:,.0f} MB"] for r in result["rows"]])
+
+
+def sections(result: dict) -> dict[str, str]:
+    return {"table": table(result)}
 
 
 if __name__ == "__main__":

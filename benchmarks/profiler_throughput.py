@@ -14,9 +14,7 @@ benchmarks/results/profiler_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,9 +25,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _measure import markdown_table, write_results  # noqa: E402
+
 from quantkit.api import convert, profile  # noqa: E402
 from quantkit.profile.corpus import load_eval_data  # noqa: E402
 from quantkit.profile.run import locate_artifact, make_windows  # noqa: E402
+
+NAME = "profiler_throughput"
 
 
 def bare_llama_cpp(model: Path, text: str, ctx: int, chunks: int, threads: int) -> tuple[int, float]:
@@ -92,17 +94,23 @@ def main() -> None:
         rates = [n / s for n, s in runs]
         rows.append({"tool": tool, "tokens_scored": tokens, "tokens_per_s_median": statistics.median(rates),
                      "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates), "computes": what})
+    result = {"model": gguf_file.name, "ctx": args.ctx, "chunks": args.chunks, "threads": args.threads,
+              "repeats": args.repeats, "rows": rows}
     print(f"profiler throughput: {gguf_file.name}, ctx {args.ctx}, {args.chunks} windows, {args.threads} threads, "
-          f"median of {args.repeats} ({platform.processor() or platform.machine()})")
-    print(f"{'tool':42} {'tokens':>7} {'tok/s median':>13} {'min':>8} {'max':>8}  computes")
-    for r in rows:
-        print(f"{r['tool']:42} {r['tokens_scored']:>7} {r['tokens_per_s_median']:>13.1f} "
-              f"{r['tokens_per_s_min']:>8.1f} {r['tokens_per_s_max']:>8.1f}  {r['computes']}")
-    print(f"ratio quantkit / bare: {rows[0]['tokens_per_s_median'] / rows[1]['tokens_per_s_median']:.2f}")
-    out = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / "profiler_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": gguf_file.name, "ctx": args.ctx, "chunks": args.chunks,
-                               "threads": args.threads, "rows": rows}, indent=2) + "\n")
+          f"median of {args.repeats}\n{table(result)}")
+    write_results(NAME, result)
+
+
+def table(result: dict) -> str:
+    rows = result["rows"]
+    body = markdown_table(["tool", "tokens scored", "tokens/s", "computes"], [
+        [r["tool"], str(r["tokens_scored"]), f"{r['tokens_per_s_median']:.1f} ({r['tokens_per_s_min']:.1f}–{r['tokens_per_s_max']:.1f})",
+         r["computes"]] for r in rows])
+    return body + f"\nratio quantkit / bare loop: {rows[0]['tokens_per_s_median'] / rows[1]['tokens_per_s_median']:.2f}\n"
+
+
+def sections(result: dict) -> dict[str, str]:
+    return {"table": table(result)}
 
 
 if __name__ == "__main__":

@@ -14,21 +14,19 @@ table; writes benchmarks/results/quantize_gguf.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import measure, spread  # noqa: E402
+from _measure import markdown_table, measure, spread, timing, write_results  # noqa: E402
 
-from quantkit.profile.roofline import cpu_model  # noqa: E402
+NAME = "quantize_gguf"
+QK, DIRECT = "quantkit convert", "llama.cpp llama_model_quantize"
 
 _DIRECT = """
 import ctypes, sys, llama_cpp
@@ -60,33 +58,31 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.out) as work:
         for qtype in types:
-            runs: dict[str, list[tuple[float, int]]] = {"quantkit convert": [], "llama.cpp llama_model_quantize": []}
+            runs: dict[str, list[tuple[float, int]]] = {QK: [], DIRECT: []}
             for i in range(repeats):  # interleaved, so drift in the machine hits both alike
-                runs["quantkit convert"].append(measure([quantkit, "-q", "convert", str(source), "--to", f"gguf:{qtype}",
+                runs[QK].append(measure([quantkit, "-q", "convert", str(source), "--to", f"gguf:{qtype}",
                                                          "--no-verify", "--threads", str(args.threads), "-o", f"{work}/qk{i}"], REPO))
-                runs["llama.cpp llama_model_quantize"].append(measure([sys.executable, "-c", _DIRECT, str(source),
+                runs[DIRECT].append(measure([sys.executable, "-c", _DIRECT, str(source),
                                                                        f"{work}/direct-{qtype}-{i}.gguf", qtype, str(args.threads)], REPO))
             for tool, values in runs.items():
                 rows.append({"type": qtype, "tool": tool, "wall_s": spread([v[0] for v in values]),
                              "peak_rss_bytes": spread([v[1] for v in values])})
-    print(f"\nGGUF quantization of {source.name} ({source.stat().st_size / 1e6:.0f} MB F32), {args.threads} threads, "
-          f"median (min-max) of {repeats}, {cpu_model()}")
-    print(f"{'type':8} {'tool':34} {'wall s':>22} {'peak RSS MB':>12}")
-    for r in rows:
-        w = r["wall_s"]
-        print(f"{r['type']:8} {r['tool']:34} {w['median']:8.2f} ({w['min']:.2f}-{w['max']:.2f}) {r['peak_rss_bytes']['median'] / 1e6:12.0f}")
-    for qtype in types:
-        qk, direct = (next(r for r in rows if r["type"] == qtype and r["tool"] == t) for t in ("quantkit convert", "llama.cpp llama_model_quantize"))
-        ratio = qk["wall_s"]["median"] / direct["wall_s"]["median"]
-        print(f"{qtype}: quantkit / llama.cpp = {ratio:.2f}x wall time")
-    result = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / "quantize_gguf.json"
-    result.parent.mkdir(parents=True, exist_ok=True)
-    result.write_text(json.dumps({
-        "benchmark": "quantize_gguf", "source": source.name, "threads": args.threads, "repeats": repeats,
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }, indent=2) + "\n")
-    print(f"wrote {result}")
+    result = {"source": source.name, "source_bytes": source.stat().st_size, "threads": args.threads, "repeats": repeats, "rows": rows}
+    print(f"\nGGUF quantization, median (min-max) of {repeats} fresh processes\n{table(result)}")
+    write_results(NAME, result)
+
+
+def table(result: dict) -> str:
+    rows = []
+    for qtype in dict.fromkeys(r["type"] for r in result["rows"]):
+        qk, direct = (next(r for r in result["rows"] if r["type"] == qtype and r["tool"] == t) for t in (QK, DIRECT))
+        rows.append([qtype, timing(qk["wall_s"]), timing(direct["wall_s"]), f"{qk['wall_s']['median'] / direct['wall_s']['median']:.2f}x",
+                     f"{qk['peak_rss_bytes']['median'] / 1e6:,.0f} / {direct['peak_rss_bytes']['median'] / 1e6:,.0f} MB"])
+    return markdown_table(["type", "quantkit convert", "llama.cpp quantizer", "ratio", "peak RSS (both)"], rows)
+
+
+def sections(result: dict) -> dict[str, str]:
+    return {"table": table(result)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Resolve what the user named (HF folder, hub id, GGUF file, or nothing) into a validated Source.
 
-Weights are read from safetensors (memory-mapped, one tensor at a time) or GGUF. Pickle
+Weights are read from safetensors (one tensor at a time, with plain reads) or GGUF. Pickle
 checkpoints (.bin/.pt/.pth) execute code when loaded, so they are refused unless the caller
 passes ``allow_pickle=True``; even then they are loaded with ``weights_only=True``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str  # safetensors spelling: F32, F16, BF16, ...
     file: Path
+    offset: int = -1  # safetensors: where the tensor's bytes start in ``file``
 
 
 @dataclass
@@ -83,8 +85,15 @@ class Source:
             yield TensorReader(self, stack)
 
 
+_FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
 class TensorReader:
-    """Loads one tensor at a time from memory-mapped safetensors (or a pickle, if allowed)."""
+    """Loads one float tensor at a time as a float32 numpy array.
+
+    safetensors are read with plain file reads, not memory-mapped: pages of a mapped file stay in
+    the process's resident set once touched, so a streaming conversion of a checkpoint would show
+    a peak RSS that grows by the whole file. Pickles (only with allow_pickle) go through torch."""
 
     def __init__(self, source: Source, stack: contextlib.ExitStack):
         self._source = source
@@ -92,20 +101,33 @@ class TensorReader:
         self._handles: dict[Path, Any] = {}
 
     def get(self, name: str):
+        import numpy as np
+
         info = self._source.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = self._open(info.file)
-        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+        if isinstance(handle, dict):  # a pickle's state dict of torch tensors
+            import torch
+
+            return handle[name].to(torch.float32).numpy()
+        if info.dtype not in _FLOAT_DTYPES:
+            raise SourceError(f"tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
+        count = math.prod(info.shape)
+        handle.seek(info.offset)
+        data = np.fromfile(handle, dtype=_FLOAT_DTYPES[info.dtype], count=count)
+        if data.size != count:
+            raise SourceError(f"{info.file}: truncated while reading tensor {name!r}")
+        if info.dtype == "BF16":  # bfloat16 is the upper half of a float32
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        return data.astype(np.float32, copy=False).reshape(info.shape)
 
     def _open(self, file: Path):
         if self._source.weight_format == "pickle":
             return _load_pickle(file)
-        from safetensors import safe_open
-
         try:
-            return self._stack.enter_context(safe_open(str(file), framework="pt"))
-        except Exception as exc:  # safetensors raises its own error types
+            return self._stack.enter_context(open(file, "rb"))
+        except OSError as exc:
             raise SourceError(f"{file}: cannot read safetensors file: {exc}") from exc
 
 
@@ -197,8 +219,9 @@ def _index_weights(folder: Path, *, allow_pickle: bool) -> tuple[dict[str, Tenso
         for file in files:
             if not file.is_file():
                 raise SourceError(f"{file}: listed in the safetensors index but missing")
-            for name, meta in _read_safetensors_header(file).items():
-                tensors[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], file)
+            header, data_start = _read_safetensors_header(file)
+            for name, meta in header.items():
+                tensors[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], file, data_start + meta["data_offsets"][0])
         return tensors, "safetensors"
     pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if not pickles:
@@ -217,8 +240,9 @@ def _index_weights(folder: Path, *, allow_pickle: bool) -> tuple[dict[str, Tenso
     return tensors, "pickle"
 
 
-def _read_safetensors_header(file: Path) -> dict[str, Any]:
-    """Parse and check a safetensors header; a truncated or corrupt file is a SourceError."""
+def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header: (tensor entries, where the data starts); a truncated
+    or corrupt file is a SourceError."""
     size = file.stat().st_size
     with open(file, "rb") as fh:
         head = fh.read(8)
@@ -240,7 +264,7 @@ def _read_safetensors_header(file: Path) -> dict[str, Any]:
         raise SourceError(
             f"{file}: truncated or corrupt safetensors file (expected {8 + header_bytes + data_end} bytes, found {size})"
         )
-    return header
+    return header, 8 + header_bytes
 
 
 def _gguf_source(path: Path) -> Source:

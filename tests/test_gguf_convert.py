@@ -63,6 +63,29 @@ def test_sharded_checkpoint_converts_identically(tiny_model, tmp_path):
     assert sha256_file(one.main_file) == sha256_file(many.main_file)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_is_read_exactly(dtype, tiny_model, tmp_path):
+    """The streaming reader decodes F16/BF16 safetensors itself (plain reads, no torch): every
+    value must equal torch's own widening to float32."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_model("llama")
+    half = tmp_path / dtype / src.name
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
+    model.save_pretrained(half)
+    AutoTokenizer.from_pretrained(src).save_pretrained(half)
+    art = convert(half, ["gguf:f32"], tmp_path / "out", verify=False).artifacts[0]
+    tensors = {t.name: t for t in gguf.GGUFReader(art.main_file).tensors}
+    state = model.state_dict()
+    for gguf_name, hf_name in (("token_embd.weight", "model.embed_tokens.weight"), ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),
+                               ("output_norm.weight", "model.norm.weight")):
+        expected = state[hf_name].to(torch.float32).numpy()
+        got = np.asarray(tensors[gguf_name].data).reshape(expected.shape)
+        assert np.array_equal(got, expected), gguf_name
+
+
 def test_gguf_source_is_requantized(tiny_model, tmp_path):
     f16 = convert(tiny_model("llama"), ["gguf:f16"], tmp_path / "a", verify=False).artifacts[0]
     q = convert(f16.main_file, ["gguf:q4_0", "gguf:q8_0"], tmp_path / "b").artifacts

@@ -108,7 +108,8 @@ def test_onnx_int8_and_int4_profile_next_to_gguf(tmp_path):
     for report in reports.values():
         assert report["latency"]["decode_tokens_per_s"]["median"] > 0
         assert report["host"]["decode_roofline_fraction"] > 0
-        print(report["artifact"]["manifest"]["recipe"]["scheme"], report["memory"]["predicted_error_pct"])
+        # the formula counts the HF tokenizer's tables (~300 MB for Gemma's 262k vocabulary)
+        assert abs(report["memory"]["predicted_error_pct"]) < 15, report["memory"]
 
 
 def test_ascend_compatibility_of_gemma_artifacts(converted, tmp_path):

@@ -3,11 +3,13 @@
     predicted_peak_bytes = baseline_rss_bytes        # interpreter + runtime library, measured
                          + load_transient_bytes      # source pages a runtime reads to build
                                                      #   its weights (bitsandbytes quantizes a
-                                                     #   float checkpoint at load time)
+                                                     #   float checkpoint at load time: the
+                                                     #   pages of the tensors it converts)
                          + tensor_bytes              # every weight is resident (mmap or copy)
                          + repack_bytes              # weights a backend copies into another
                                                      #   layout at load (llama.cpp CPU_REPACK)
-                         + runtime_overhead_bytes    # vocabulary tables, output buffers
+                         + runtime_overhead_bytes    # vocabulary tables (llama.cpp's, or an
+                                                     #   HF tokenizer's), output buffers
                          + kv_cache_bytes_per_token * ctx
                          + compute_bytes             # activations of one ubatch, attention
                                                      #   scores of one layer, the logits row

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ __all__ = ["BnbRuntime"]
 
 # bytes per weight element of a quantized nn.Linear, with bitsandbytes' statistics:
 # LLM.int8() keeps one float32 scale per output row; NF4/FP4 one float32 absmax per 64 weights
+_FILE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 _BYTES_PER_ELEMENT = {"int8": 1.0, "4bit": 0.5 + 4 / 64}
 
 
@@ -69,20 +71,23 @@ class BnbRuntime(TransformersRuntime):
     def describe_weights(cls, path: Path) -> dict[str, Any]:
         config, source = _read(path)
         per = _BYTES_PER_ELEMENT["int8" if config["quantization_config"].get("load_in_8bit") else "4bit"]
-        total, embd = 0, 0
+        total, embd, transient = 0, 0, 0
         for name, info in source.tensors.items():
-            n = 1
-            for d in info.shape:
-                n *= d
-            size = int(n * per) + (4 * info.shape[0] if per == 1.0 else 0) if _is_quantized_linear(name, info.shape) else 4 * n
+            n = math.prod(info.shape)
+            quantized = _is_quantized_linear(name, info.shape)
+            size = int(n * per) + (4 * info.shape[0] if per == 1.0 else 0) if quantized else 4 * n
             total += size
             if name.endswith("embed_tokens.weight"):
                 embd = size
-        files = {info.file for info in source.tensors.values()}
+            # transformers reads the checkpoint through a memory map: the pages of every tensor it
+            # quantizes or converts stay resident while loading; a float32 tensor kept as it is
+            # (embeddings, norms of a float32 checkpoint) is those pages, already in tensor_bytes
+            if quantized or info.dtype != "F32":
+                transient += n * _FILE_BYTES.get(info.dtype, 4)
         return {
             "config": source.config,
             "tensor_bytes": total,
             "embedding_bytes": embd,
-            # transformers reads the float checkpoint (mapped pages) and quantizes it on load
-            "load_transient_bytes": sum(f.stat().st_size for f in files),
+            "load_transient_bytes": transient,
+            "tokenizer_dir": source.path,
         }

@@ -223,6 +223,7 @@ class OnnxRuntime(HFTokenizerMixin):
             # (weights stored inline are held twice for a moment); external data files are read
             # straight into the tensors
             "load_transient_bytes": path.stat().st_size,
+            "runtime_overhead_bytes": cls.tokenizer_bytes(path.parent),
             "linear_params": linear_params(sizes, int(config.get("intermediate_size") or 4 * sizes["n_embd"]), gated=kind == "decoder"),
             "max_ctx": config.get("max_position_embeddings"),
             "graph": graph,

@@ -70,12 +70,6 @@ def _plan(source: Source, arch, float_type: str) -> list[_Planned]:
     return sorted(plan, key=lambda p: _order(p.gguf_name))
 
 
-def _as_float32(tensor) -> np.ndarray:
-    import torch
-
-    return tensor.to(torch.float32).numpy()
-
-
 def _cast(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if qtype == Q.BF16:
         import torch  # numpy has no bfloat16; torch rounds to nearest even like llama.cpp
@@ -113,7 +107,7 @@ def write_float_gguf(
             if p.hf_name is None:
                 data = extras[p.gguf_name]
             else:
-                data = transform_tensor(arch, p.hf_name, _as_float32(reader.get(p.hf_name)), source.config)
+                data = transform_tensor(arch, p.hf_name, reader.get(p.hf_name), source.config)
             writer.write_tensor_data(np.ascontiguousarray(_cast(data, p.qtype)))
             if advance:
                 advance(1)
