@@ -38,6 +38,7 @@ from _models import random_llama  # noqa: E402
 
 NAME = "gemma_recipes"
 PLOT = "gemma_size_vs_kld.svg"
+PLOT_LEFT_OUT = ("onnx:fp32",)
 # conversion groups, converted in this order (a group is one `quantkit convert` process)
 GROUPS: tuple[tuple[str, ...], ...] = (
     ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:q3_k_m", "gguf:q2_k"),
@@ -196,8 +197,10 @@ def all_table(result: dict) -> str:
 def plot(result: dict) -> str:
     from quantkit.report.svg import scatter
 
-    points = [(r["recipe"], r["weights_bytes"] / 1e6, r["kld_mean"]) for r in result["rows"]]
-    svg = scatter(points, pareto(result), svg_id="gemma-size-vs-kld", title=f"{result['model']}: size against KLD (Pareto front in red)",
+    # the float32 ONNX export is the unquantized baseline, several times larger than the rest: left
+    # out so the quantized recipes are not squeezed into the left edge (it is in the table)
+    points = [(r["recipe"], r["weights_bytes"] / 1e6, r["kld_mean"]) for r in result["rows"] if r["recipe"] not in PLOT_LEFT_OUT]
+    svg = scatter(points, [p for p in pareto(result) if p not in PLOT_LEFT_OUT], svg_id="gemma-size-vs-kld", title=f"{result['model']}: size against KLD (Pareto front in red)",
                   xlabel="weights (MB; bitsandbytes: in memory)", ylabel="KLD mean vs float32 (log)")
     # a white background so the chart reads on dark pages too
     return svg.replace('role="img">', 'role="img"><rect width="100%" height="100%" fill="white"/>', 1) + "\n"

@@ -84,15 +84,34 @@ def scatter(points: list[tuple[str, float, float]], front: list[str], *, svg_id:
     if len(on_front) > 1:
         path = " ".join(f"{sx(p[1]):.1f},{sy(max(p[2], 1e-6)):.1f}" for p in on_front)
         svg.append(f'<polyline class="pareto-front" points="{path}" fill="none" stroke="#d62728" stroke-width="2" stroke-dasharray="6 3"/>')
+    placed: list[tuple[float, float, float, float]] = []
     for i, (label, x, y) in enumerate(points):
         bold = label in front
         color = PALETTE[i % len(PALETTE)]
-        svg.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(max(y, 1e-6)):.1f}" r="{6 if bold else 4}" fill="{color}" '
+        cx, cy = sx(x), sy(max(y, 1e-6))
+        svg.append(f'<circle class="point" cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if bold else 4}" fill="{color}" '
                    f'stroke="{"#d62728" if bold else "none"}" stroke-width="2"><title>{escape(label)}: {x:g}, {y:g}</title></circle>')
         weight = ' font-weight="bold"' if bold else ""
-        svg.append(f'<text x="{sx(x) + 8:.1f}" y="{sy(max(y, 1e-6)) - 6:.1f}" font-size="11"{weight}>{escape(label)}</text>')
+        lx, ly = _place_label(cx, cy, len(label) * (7.0 if bold else 6.2), placed)
+        svg.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11"{weight}>{escape(label)}</text>')
     svg.append("</svg>")
     return "\n".join(svg)
+
+
+def _place_label(cx: float, cy: float, width: float, placed: list[tuple[float, float, float, float]]) -> tuple[float, float]:
+    """Where a point's label goes (text baseline): the first spot around the point whose box
+    overlaps no label placed before and stays inside the plot; recorded in ``placed``."""
+    height = 12.0
+    spots = [(8, -6), (8, 14), (8, -20), (8, 28), (-8 - width, -6), (-8 - width, 14), (-8 - width, -20), (8, -34), (8, 42)]
+    for dx, dy in spots:
+        x0, y0 = cx + dx, cy + dy - height + 2
+        box = (x0, y0, x0 + width, y0 + height)
+        inside = _L <= box[0] and box[2] <= _W and _T - 10 <= box[1] and box[3] <= _H - _B
+        if inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            placed.append(box)
+            return cx + dx, cy + dy
+    placed.append((cx + 8, cy - 16, cx + 8 + width, cy - 4))
+    return cx + 8, cy - 6
 
 
 def grouped_bars(groups: list[str], series: dict[str, list[float | None]], *, svg_id: str, title: str,
