@@ -86,6 +86,7 @@ class Source:
 
 
 _FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class TensorReader:
@@ -258,7 +259,11 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     header.pop("__metadata__", None)
     try:
         data_end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
-    except (TypeError, KeyError, IndexError) as exc:
+        for name, meta in header.items():  # a tensor's byte range must match its shape
+            start, end = meta["data_offsets"]
+            if meta["dtype"] in _ITEM_BYTES and end - start != math.prod(meta["shape"]) * _ITEM_BYTES[meta["dtype"]]:
+                raise SourceError(f"{file}: corrupt safetensors header (tensor {name!r} has {end - start} bytes for shape {meta['shape']})")
+    except (TypeError, KeyError, IndexError, ValueError) as exc:
         raise SourceError(f"{file}: corrupt safetensors header (bad tensor entry)") from exc
     if 8 + header_bytes + data_end != size:
         raise SourceError(

@@ -37,6 +37,24 @@ def test_truncated_safetensors(tiny_copy, tmp_path):
     assert _left_behind(tmp_path / "out") == []
 
 
+def test_tensor_byte_range_must_match_its_shape(tiny_copy, tmp_path):
+    """The GGUF writer reads tensors at the header's offsets: a header whose byte range disagrees
+    with the shape (the file size still adds up) is refused, not read as shifted data."""
+    src = tiny_copy()
+    path = src / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2)
+    header[name]["shape"] = [header[name]["shape"][0] // 2, header[name]["shape"][1]]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+    with pytest.raises(SourceError, match=f"tensor '{name}' has"):
+        convert(src, ["gguf:f16"], tmp_path / "out")
+    assert _left_behind(tmp_path / "out") == []
+
+
 def test_truncated_gguf(tiny_model, tmp_path):
     art = convert(tiny_model("llama"), ["gguf:f16"], tmp_path / "a", verify=False).artifacts[0]
     cut = tmp_path / "cut.gguf"

@@ -16,8 +16,9 @@ __all__ = ["BnbRuntime"]
 
 # bytes per weight element of a quantized nn.Linear, with bitsandbytes' statistics:
 # LLM.int8() keeps one float32 scale per output row; NF4/FP4 one float32 absmax per 64 weights
-_FILE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 _BYTES_PER_ELEMENT = {"int8": 1.0, "4bit": 0.5 + 4 / 64}
+# bytes per element of the checkpoint's own tensors
+_FILE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 def _read(path: Path) -> tuple[dict[str, Any], Source]:
