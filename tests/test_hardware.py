@@ -158,3 +158,23 @@ def test_unknown_profile_fails_before_measuring(tiny_artifacts):
 
     with pytest.raises(InputError, match="unknown hardware profile 'nope'; known: host"):
         profile(tiny_artifacts["gguf:q4_0"].path, quality=False, profiles=["nope"])
+
+
+def test_profiles_ship_in_the_wheel(tmp_path):
+    """A user who pip-installs quantkit gets the same profiles as a checkout: the wheel carries
+    them (quantkit/profiles links to the top-level profiles/) and the installed package finds them."""
+    import os
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("quantkit-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "QUANTKIT_PROFILES"} | {"PYTHONPATH": str(tmp_path / "site")}
+    code = "from quantkit.hardware import profile_files; import json; print(json.dumps({k: str(v) for k, v in profile_files().items()}))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    installed = json.loads(out)
+    assert sorted(installed) == sorted(p.stem for p in (REPO / "profiles").glob("*.yaml"))
+    assert all(Path(p).is_relative_to(tmp_path / "site") for p in installed.values())

@@ -24,10 +24,13 @@ class ProfileError(InputError):
 
 
 def profile_dirs() -> list[Path]:
-    """``$QUANTKIT_PROFILES`` (``:``-separated folders) first, then the shipped ``profiles/``."""
+    """``$QUANTKIT_PROFILES`` (``:``-separated folders) first, then the shipped profiles: inside
+    the installed package (``quantkit/profiles``, a link to the repository's ``profiles/`` in a
+    checkout), or the checkout's ``profiles/`` where links are not followed."""
     dirs = [Path(p).expanduser() for p in os.environ.get("QUANTKIT_PROFILES", "").split(os.pathsep) if p]
-    shipped = Path(__file__).resolve().parents[2] / "profiles"
-    return [*dirs, shipped]
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "profiles"
+    return [*dirs, shipped if shipped.is_dir() else package.parent / "profiles"]
 
 
 def profile_files() -> dict[str, Path]:
