@@ -7,91 +7,18 @@ Providers: CUDA when this onnxruntime build has it, else the CPU.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from ..formats.onnx.graph import OnnxSessionInputs
 from . import register_runtime
 from .hf import HFTokenizerMixin, config_sizes, linear_params, read_config
 from .pooling import read_pooling
 
-__all__ = ["OnnxRuntime", "OnnxSessionInputs"]
-
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32}
-_ONNX_ELEM = {1: "tensor(float)", 10: "tensor(float16)", 7: "tensor(int64)", 6: "tensor(int32)"}
-
-
-@dataclass(frozen=True)
-class _Input:
-    name: str
-    shape: tuple  # ints, or str for symbolic dimensions
-    type: str
-
-
-@dataclass(frozen=True)
-class OnnxSessionInputs:
-    """The model's inputs, and the feeds for one window of tokens."""
-
-    inputs: tuple[_Input, ...]
-
-    @classmethod
-    def from_session(cls, session) -> OnnxSessionInputs:
-        return cls(tuple(_Input(i.name, tuple(i.shape), i.type) for i in session.get_inputs()))
-
-    @classmethod
-    def from_model_file(cls, path: Path) -> OnnxSessionInputs:
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
-        weights = {t.name for t in model.graph.initializer}
-        found = []
-        for value in model.graph.input:
-            if value.name in weights:
-                continue
-            tt = value.type.tensor_type
-            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
-            found.append(_Input(value.name, shape, _ONNX_ELEM.get(tt.elem_type, "tensor(float)")))
-        return cls(tuple(found))
-
-    @property
-    def names(self) -> set[str]:
-        return {i.name for i in self.inputs}
-
-    @property
-    def past(self) -> list[_Input]:
-        return [i for i in self.inputs if i.name.startswith("past_key_values.")]
-
-    @property
-    def fixed_length(self) -> int | None:
-        """The sequence length of a static-shape model, else None."""
-        for i in self.inputs:
-            if i.name == "input_ids" and len(i.shape) == 2 and isinstance(i.shape[1], int) and i.shape[1] > 0:
-                return i.shape[1]
-        return None
-
-    def feeds(self, tokens: list[int], pad_id: int = 0) -> dict[str, np.ndarray]:
-        """Inputs for one window (empty KV cache); a static model gets the window right-padded."""
-        n = len(tokens)
-        length = self.fixed_length or n
-        if n > length:
-            raise InputError(f"a window of {n} tokens does not fit this static-shape model ({length} tokens)")
-        ids = np.full((1, length), pad_id, dtype=np.int64)
-        ids[0, :n] = tokens
-        mask = np.zeros((1, length), dtype=np.int64)
-        mask[0, :n] = 1
-        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
-        if "position_ids" in self.names:
-            feeds["position_ids"] = np.arange(length, dtype=np.int64)[None]
-        if "token_type_ids" in self.names:
-            feeds["token_type_ids"] = np.zeros((1, length), dtype=np.int64)
-        for p in self.past:
-            shape = [1, p.shape[1], 0, p.shape[3]]
-            feeds[p.name] = np.zeros(shape, dtype=_NP_TYPES.get(p.type, np.float32))
-        return {k: v for k, v in feeds.items() if k in self.names}
+__all__ = ["OnnxRuntime"]
 
 
 @register_runtime("onnx")

@@ -111,7 +111,7 @@ def _calibration_feeds(source: Source, model_path: Path, opts: dict[str, Any], k
     from transformers import AutoTokenizer
 
     from ...calibration import calibration_texts, calibration_windows
-    from ...runtimes.onnx import OnnxSessionInputs
+    from .graph import OnnxSessionInputs
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     windows, counts = calibration_windows(

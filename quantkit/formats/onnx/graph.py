@@ -1,5 +1,6 @@
 """What an ONNX model is made of, read without loading its weights: opset, operators, input
-shapes (which dimensions are symbolic), and the bytes of its initializers.
+shapes (which dimensions are symbolic), and the bytes of its initializers; and the feeds a window
+of tokens needs (``OnnxSessionInputs``: the runtime and the static-quantization calibration share it).
 
 The manifest records this summary, so a compatibility check (an NPU compiler's operator list,
 static shapes, maximum opset) can read it without opening the model again.
@@ -9,10 +10,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarize_model", "initializer_bytes", "STANDARD_DOMAINS"]
+import numpy as np
+
+from ...errors import InputError
+
+__all__ = ["summarize_model", "initializer_bytes", "OnnxSessionInputs", "STANDARD_DOMAINS"]
 
 # the domains of standard ONNX operators; anything else (com.microsoft, ...) is a runtime extension
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -25,13 +31,10 @@ _BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12
 def _load(path: Path):
     import onnx
 
-    from ...errors import InputError
-
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise InputError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from exc
-
 
 
 def initializer_bytes(model) -> dict[str, int]:
@@ -66,3 +69,75 @@ def summarize_model(path: Path) -> dict[str, Any]:
         "weight_bytes": sum(sizes.values()),
         "embedding_bytes": sum(sizes[name] for name in gathered),
     }
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+_ONNX_ELEM = {1: "tensor(float)", 10: "tensor(float16)", 7: "tensor(int64)", 6: "tensor(int32)"}
+
+
+@dataclass(frozen=True)
+class _Input:
+    name: str
+    shape: tuple  # ints, or str for symbolic dimensions
+    type: str
+
+
+@dataclass(frozen=True)
+class OnnxSessionInputs:
+    """The model's inputs, and the feeds for one window of tokens."""
+
+    inputs: tuple[_Input, ...]
+
+    @classmethod
+    def from_session(cls, session) -> OnnxSessionInputs:
+        return cls(tuple(_Input(i.name, tuple(i.shape), i.type) for i in session.get_inputs()))
+
+    @classmethod
+    def from_model_file(cls, path: Path) -> OnnxSessionInputs:
+        model = _load(path)
+        weights = {t.name for t in model.graph.initializer}
+        found = []
+        for value in model.graph.input:
+            if value.name in weights:
+                continue
+            tt = value.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+            found.append(_Input(value.name, shape, _ONNX_ELEM.get(tt.elem_type, "tensor(float)")))
+        return cls(tuple(found))
+
+    @property
+    def names(self) -> set[str]:
+        return {i.name for i in self.inputs}
+
+    @property
+    def past(self) -> list[_Input]:
+        return [i for i in self.inputs if i.name.startswith("past_key_values.")]
+
+    @property
+    def fixed_length(self) -> int | None:
+        """The sequence length of a static-shape model, else None."""
+        for i in self.inputs:
+            if i.name == "input_ids" and len(i.shape) == 2 and isinstance(i.shape[1], int) and i.shape[1] > 0:
+                return i.shape[1]
+        return None
+
+    def feeds(self, tokens: list[int], pad_id: int = 0) -> dict[str, np.ndarray]:
+        """Inputs for one window (empty KV cache); a static model gets the window right-padded."""
+        n = len(tokens)
+        length = self.fixed_length or n
+        if n > length:
+            raise InputError(f"a window of {n} tokens does not fit this static-shape model ({length} tokens)")
+        ids = np.full((1, length), pad_id, dtype=np.int64)
+        ids[0, :n] = tokens
+        mask = np.zeros((1, length), dtype=np.int64)
+        mask[0, :n] = 1
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in self.names:
+            feeds["position_ids"] = np.arange(length, dtype=np.int64)[None]
+        if "token_type_ids" in self.names:
+            feeds["token_type_ids"] = np.zeros((1, length), dtype=np.int64)
+        for p in self.past:
+            shape = [1, p.shape[1], 0, p.shape[3]]
+            feeds[p.name] = np.zeros(shape, dtype=_NP_TYPES.get(p.type, np.float32))
+        return {k: v for k, v in feeds.items() if k in self.names}
