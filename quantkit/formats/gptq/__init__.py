@@ -20,6 +20,7 @@ from ...progress import Progress
 from ...recipe import Recipe
 from ...source import Source
 from .. import ConvertOptions, Format, register_format
+from ..options import CALIBRATION_OPTION_NAMES, Option, calibration_options, resolve_options
 from .arch import ARCHITECTURES
 
 # torch, transformers and the modules that need them are imported where used: every quantkit
@@ -34,20 +35,17 @@ _SCHEME_HELP = "w{bits}g{group}[-rtn] with bits in 2, 3, 4, 8 and group in 32, 6
 # weights files above this size are split into shards (module attribute so tests can lower it)
 MAX_SHARD_BYTES = 2 * 10**9
 
-# every option and its default; the effective values of all of them go into Recipe.options
-OPTION_DEFAULTS: dict[str, Any] = {
-    "damp": 0.01,
-    "sym": True,
-    "act_order": False,
-    "static_groups": False,
-    "calib": None,
-    "calib_samples": 128,
-    "calib_seqlen": 512,
-    "seed": 0,
+# every option; the effective values of all of them go into Recipe.options
+OPTIONS: dict[str, Option] = {
+    "damp": Option(0.01, "fraction", expected="a fraction of the mean Hessian diagonal between 0 and 1 (e.g. 0.01)"),
+    "sym": Option(True, "bool"),
+    "act_order": Option(False, "bool"),
+    "static_groups": Option(False, "bool"),
+    **calibration_options(samples=128, seqlen=512),
 }
+OPTION_DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
 # options that only matter when codes are chosen with calibration data (ignored by -rtn)
-_CALIBRATION_OPTIONS = ("damp", "act_order", "static_groups", "calib", "calib_samples", "calib_seqlen", "seed")
-
+_CALIBRATION_OPTIONS = ("damp", "act_order", "static_groups", *CALIBRATION_OPTION_NAMES)
 
 @dataclass(frozen=True)
 class GPTQScheme:
@@ -66,40 +64,8 @@ def parse_scheme(scheme: str) -> GPTQScheme:
     return GPTQScheme(bits, group, bool(match[3]))
 
 
-def _check_option(key: str, value: Any) -> Any:
-    """Validate one user option where it enters; returns the typed value."""
-    def bad(expected: str):
-        return RecipeError(f"GPTQ option {key}={value!r}: expected {expected}")
-
-    if key in ("sym", "act_order", "static_groups"):
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if key == "damp":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise bad("a fraction of the mean Hessian diagonal between 0 and 1 (e.g. 0.01)")
-        return float(value)
-    if key in ("calib_samples", "calib_seqlen", "seed"):
-        low = {"calib_samples": 1, "calib_seqlen": 8, "seed": 0}[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise bad(f"an integer >= {low}")
-        return value
-    # calib: a text file
-    path = Path(str(value)).expanduser()
-    if not path.is_file():
-        raise RecipeError(f"GPTQ option calib={value!r}: no such file (a UTF-8 text file to calibrate on)")
-    return str(path)
-
-
 def _recipe_options(scheme: GPTQScheme, options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    values = dict(OPTION_DEFAULTS)
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key not in OPTION_DEFAULTS:
-            known = ", ".join(sorted(OPTION_DEFAULTS))
-            raise RecipeError(f"unknown GPTQ option {key!r}; known: {known}")
-        values[key] = _check_option(key, value)
+    values = resolve_options("GPTQ", OPTIONS, options)
     if scheme.rtn:  # round-to-nearest uses no calibration data: record only what shapes its grid
         values = {k: v for k, v in values.items() if k not in _CALIBRATION_OPTIONS}
     return tuple(sorted(values.items()))

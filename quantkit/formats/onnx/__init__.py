@@ -27,6 +27,7 @@ from ...progress import Progress
 from ...recipe import Recipe
 from ...source import Source
 from .. import ConvertOptions, Format, register_format
+from ..options import CALIBRATION_OPTION_NAMES, Option, calibration_options, resolve_options
 
 __all__ = ["OnnxFormat", "OnnxScheme", "parse_scheme", "OPTION_DEFAULTS", "MODEL_NAME"]
 
@@ -34,19 +35,23 @@ MODEL_NAME = "model.onnx"
 _SCHEME = re.compile(r"^(fp32|fp16|int8|int8-static|int4(?:g(32|128))?(-hqq)?)$")
 _SCHEME_HELP = "fp32, fp16, int8, int8-static, int4 (blocks of 32), int4g128, with -hqq for HQQ (e.g. int4g128-hqq)"
 
-OPTION_DEFAULTS: dict[str, Any] = {
-    "static_shapes": False,
-    "static_seqlen": 512,
-    "opset": None,  # the exporter's choice for the architecture
-    "exporter": "optimum-onnx",
-    # int8-static calibration (the same text mix as GPTQ, disjoint from the evaluation text)
-    "calib": None,
-    "calib_samples": 16,
-    "calib_seqlen": 256,
-    "seed": 0,
-}
-_CALIBRATION_OPTIONS = ("calib", "calib_samples", "calib_seqlen", "seed")
 
+
+def _exporters() -> list[str]:
+    from .export import EXPORTERS
+
+    return list(EXPORTERS)
+
+
+OPTIONS: dict[str, Option] = {
+    "static_shapes": Option(False, "bool"),
+    "static_seqlen": Option(512, "int", minimum=8),
+    "opset": Option(None, "int", minimum=11),  # default: the exporter's choice for the architecture
+    "exporter": Option("optimum-onnx", "choice", choices=_exporters),
+    # int8-static calibration (the same text mix as GPTQ, disjoint from the evaluation text)
+    **calibration_options(samples=16, seqlen=256),
+}
+OPTION_DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
 
 @dataclass(frozen=True)
 class OnnxScheme:
@@ -64,40 +69,10 @@ def parse_scheme(scheme: str) -> OnnxScheme:
     return OnnxScheme(scheme)
 
 
-def _check_option(key: str, value: Any) -> Any:
-    def bad(expected: str):
-        return RecipeError(f"ONNX option {key}={value!r}: expected {expected}")
-
-    if key == "static_shapes":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if key == "exporter":
-        from .export import EXPORTERS
-
-        if value not in EXPORTERS:
-            raise bad("one of " + ", ".join(sorted(EXPORTERS)))
-        return value
-    if key == "calib":
-        if not Path(str(value)).expanduser().is_file():
-            raise RecipeError(f"ONNX option calib={value!r}: no such file (a UTF-8 text file to calibrate on)")
-        return str(Path(str(value)).expanduser())
-    low = {"static_seqlen": 8, "opset": 11, "calib_samples": 1, "calib_seqlen": 8, "seed": 0}[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise bad(f"an integer >= {low}")
-    return value
-
-
 def _recipe_options(scheme: OnnxScheme, options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    values = dict(OPTION_DEFAULTS)
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key not in OPTION_DEFAULTS:
-            raise RecipeError(f"unknown ONNX option {key!r}; known: {', '.join(sorted(OPTION_DEFAULTS))}")
-        values[key] = _check_option(key, value)
+    values = resolve_options("ONNX", OPTIONS, options)
     if scheme.dtype != "int8-static":
-        values = {k: v for k, v in values.items() if k not in _CALIBRATION_OPTIONS}
+        values = {k: v for k, v in values.items() if k not in CALIBRATION_OPTION_NAMES}
     elif values["static_shapes"]:
         values["calib_seqlen"] = values["static_seqlen"]  # a static model takes only that length
     if not values["static_shapes"]:
