@@ -14,19 +14,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# runs a command and reports its exit code and peak RSS (ru_maxrss of the waited-for child)
-_WRAP = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
-         "stderr=subprocess.DEVNULL).returncode; print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
+# runs a command and reports its exit code and peak RSS (ru_maxrss of the waited-for child); the
+# command's stderr passes through, to be shown if it fails
+_WRAP = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+         "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
 
 
 def measure(cmd: list[str], cwd: Path) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of ``cmd`` run once in a fresh process."""
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, check=True, cwd=cwd).stdout.split()
+    run = subprocess.run([sys.executable, "-c", _WRAP, *cmd], capture_output=True, text=True, check=True, cwd=cwd)
     elapsed = time.perf_counter() - start
-    if out[0] != "0":
-        raise SystemExit(f"failed ({out[0]}): {' '.join(cmd)}")
-    return elapsed, int(out[1])
+    rc, peak = run.stdout.split()
+    if rc != "0":
+        tail = "\n".join(run.stderr.strip().splitlines()[-5:])
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{tail}")
+    return elapsed, int(peak)
 
 
 def spread(values: list[float]) -> dict[str, float]:

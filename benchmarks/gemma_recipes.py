@@ -1,6 +1,6 @@
 """Every recipe on Gemma 3 270M, converted and profiled the way a user would: benchmarks 3 (GPTQ
 against its RTN baseline and bitsandbytes nf4: time, peak memory, KLD), 4 (ONNX int8/int4
-against fp32 ONNX and GGUF q8_0/q4_k_m: decode, prefill, memory, KLD) and 5 (decode speed as a
+against fp32 ONNX and GGUF q8_0/q4_k_m/q4_0: decode, prefill, memory, KLD) and 5 (decode speed as a
 fraction of the host's memory-bandwidth roofline), and the size-against-KLD plot of all recipes.
 
     python benchmarks/gemma_recipes.py [--chunks 1] [--threads N] [--recipes R,R...] [--quick]
@@ -16,7 +16,7 @@ a fresh process: KLD/top-1/perplexity against the float32 source on the en/zh/co
 checkpoint, itself a dequantised Q4_K_M, which flatters q4_k_m and q8_0.
 
 --recipes runs a subset and merges it into the existing results file. --quick runs a few recipes
-on a random 2-layer Llama (~8 MB) instead of Gemma, in a few minutes.
+on a random Llama (2 layers of width 256) instead of Gemma, in a few minutes.
 Prints tables; writes benchmarks/results/gemma_recipes.json and gemma_size_vs_kld.svg.
 """
 
