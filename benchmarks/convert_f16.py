@@ -4,7 +4,7 @@ checkpoint, side by side in one run: wall time and peak RSS, median and spread o
 
     python benchmarks/convert_f16.py [--repeats 3] [--quick]
 
-The shared checkpoint is a Llama with random float16 weights (12 layers of width 1024, ~310 MB)
+The shared checkpoint is a Llama with random float16 weights (12 layers of width 1024, ~270 MB)
 and a SentencePiece tokenizer trained on ../shared/data, which both converters accept. The
 embedded Gemma 3 270M, which only quantkit converts (its tokenizer is rebuilt from a GGUF), is
 timed as well. `convert_hf_to_gguf.py` comes from the llama-cpp-python source distribution of the

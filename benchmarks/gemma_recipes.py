@@ -148,13 +148,17 @@ def onnx_table(result: dict) -> str:
              _kld(r["kld_mean"]), f"{r['top1_agreement']:.3f}"] for r in _rows(result, ONNX_SET)]
     table = markdown_table(["recipe", "runtime", "file", "decode tok/s", "prefill tok/s", "TTFT", "peak RSS", "KLD mean", "top-1"], rows)
     by = {r["recipe"]: r for r in result["rows"]}
+    groups = {tuple(r["convert"]["group"]): r["convert"] for r in _rows(result, ONNX_SET)}
+    for group, c in groups.items():
+        table += (f"\nConverting {', '.join(f'`{g}`' for g in group)} together (one process): "
+                  f"{c['wall_s']:.0f} s, peak RSS {c['peak_rss_bytes'] / 1e6:,.0f} MB.\n")
     # like for like: 8-bit against Q8_0, 4-bit round-to-nearest blocks of 32 against Q4_0
     for onnx, gguf in (("onnx:int8", "gguf:q8_0"), ("onnx:int4", "gguf:q4_0")):
         if onnx in by and gguf in by:
             a, b = by[onnx], by[gguf]
             table += (f"\n`{onnx}` against `{gguf}`: decode {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x, "
                       f"prefill {a['prefill_tokens_per_s'] / b['prefill_tokens_per_s']:.2f}x, peak RSS "
-                      f"{a['peak_rss_bytes'] / b['peak_rss_bytes']:.1f}x, KLD {a['kld_mean'] / b['kld_mean']:.0f}x.\n")
+                      f"{a['peak_rss_bytes'] / b['peak_rss_bytes']:.1f}x, KLD {a['kld_mean'] / b['kld_mean']:.3g}x.\n")
     return table
 
 
@@ -216,7 +220,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=1, help="windows of 512 tokens per domain (en, zh, code)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--recipes", default=None, help="comma-separated subset, merged into the existing results")
-    ap.add_argument("--quick", action="store_true", help="a random 2-layer Llama and 9 recipes")
+    ap.add_argument("--quick", action="store_true", help="a random 2-layer Llama and 8 recipes")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "recipes")
     args = ap.parse_args()
 
@@ -237,12 +241,14 @@ def main() -> None:
     settings = {"model": model, "chunks": args.chunks, "ctx": 512, "threads": args.threads}
     previous = results_dir() / f"{NAME}.json"
     rows: dict[str, dict] = {}
+    order = [r for g in (QUICK_GROUPS if args.quick else GROUPS) for r in g]
     if args.recipes and previous.is_file():
         old = json.loads(previous.read_text())
-        if all(old.get(k) == v for k, v in settings.items()):
-            rows = {r["recipe"]: r for r in old["rows"]}
+        differing = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if differing:
+            raise SystemExit(f"{previous} was measured with other settings {differing}: run every recipe (no --recipes)")
+        rows = {r["recipe"]: r for r in old["rows"] if r["recipe"] in order}
     start = time.perf_counter()
-    order = [r for g in (QUICK_GROUPS if args.quick else GROUPS) for r in g]
     for group in groups:
         for row in run_group(group, source, work, args.chunks, args.threads):
             rows[row["recipe"]] = row

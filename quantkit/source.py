@@ -17,10 +17,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .artifact import sha256_file
 from .errors import PickleRefusedError, SourceError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["Source", "TensorInfo", "resolve_source", "DEFAULT_SOURCE_ID"]
 
@@ -101,7 +104,7 @@ class TensorReader:
         self._stack = stack
         self._handles: dict[Path, Any] = {}
 
-    def get(self, name: str):
+    def get(self, name: str) -> np.ndarray:
         import numpy as np
 
         info = self._source.tensors[name]
@@ -111,7 +114,7 @@ class TensorReader:
         if isinstance(handle, dict):  # a pickle's state dict of torch tensors
             import torch
 
-            return handle[name].to(torch.float32).numpy()
+            return handle[name].detach().to(torch.float32).numpy()
         if info.dtype not in _FLOAT_DTYPES:
             raise SourceError(f"tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
         count = math.prod(info.shape)
@@ -259,10 +262,16 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     header.pop("__metadata__", None)
     try:
         data_end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
-        for name, meta in header.items():  # a tensor's byte range must match its shape
+        # tensors are read at these offsets: the byte ranges must tile the data exactly, each as
+        # long as its shape says
+        position = 0
+        for name, meta in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             start, end = meta["data_offsets"]
+            if start != position or end < start:
+                raise SourceError(f"{file}: corrupt safetensors header (tensor {name!r} starts at byte {start}, expected {position})")
             if meta["dtype"] in _ITEM_BYTES and end - start != math.prod(meta["shape"]) * _ITEM_BYTES[meta["dtype"]]:
                 raise SourceError(f"{file}: corrupt safetensors header (tensor {name!r} has {end - start} bytes for shape {meta['shape']})")
+            position = end
     except (TypeError, KeyError, IndexError, ValueError) as exc:
         raise SourceError(f"{file}: corrupt safetensors header (bad tensor entry)") from exc
     if 8 + header_bytes + data_end != size:

@@ -53,6 +53,17 @@ def test_tensor_byte_range_must_match_its_shape(tiny_copy, tmp_path):
     with pytest.raises(SourceError, match=f"tensor '{name}' has"):
         convert(src, ["gguf:f16"], tmp_path / "out")
     assert _left_behind(tmp_path / "out") == []
+    # ranges that do not tile the data (a gap, then an overlap), with the file size still right
+    header = json.loads(data[8 : 8 + n])
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    header[first]["data_offsets"][0] += 4
+    header[second]["data_offsets"][0] -= 4
+    header[second]["data_offsets"][1] -= 4
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+    with pytest.raises(SourceError, match=f"tensor '{first}' starts at byte 4"):
+        convert(src, ["gguf:f16"], tmp_path / "out")
 
 
 def test_truncated_gguf(tiny_model, tmp_path):

@@ -164,10 +164,17 @@ def test_profiles_ship_in_the_wheel(tmp_path):
     """A user who pip-installs quantkit gets the same profiles as a checkout: the wheel carries
     them (quantkit/profiles links to the top-level profiles/) and the installed package finds them."""
     import os
+    import shutil
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+    tree = tmp_path / "tree"  # a copy, so the build leaves nothing (build/, egg-info) in the checkout
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, tree / name)
+    shutil.copytree(REPO / "profiles", tree / "profiles")
+    shutil.copytree(REPO / "quantkit", tree / "quantkit", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(tree)],
                    check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("quantkit-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],

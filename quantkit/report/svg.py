@@ -60,7 +60,9 @@ def scatter(points: list[tuple[str, float, float]], front: list[str], *, svg_id:
     """``points`` (label, x, y); the labels in ``front`` are joined by a line and drawn bold."""
     xs = [p[1] for p in points]
     ys = [max(p[2], 1e-6) if log_y else p[2] for p in points]
-    x_lo, x_hi = min(xs) * 0.9, max(xs) * 1.1
+    # room on both sides for labels (they go left of a point when the right is taken)
+    pad = 0.2 * ((max(xs) - min(xs)) or max(abs(max(xs)), 1.0))
+    x_lo, x_hi = max(0.0, min(xs) - pad) if min(xs) >= 0 else min(xs) - pad, max(xs) + 0.6 * pad
     if log_y:
         y_lo, y_hi = min(ys) / 2, max(ys) * 2
         ly_lo, ly_hi = math.log10(y_lo), math.log10(y_hi)
@@ -84,7 +86,8 @@ def scatter(points: list[tuple[str, float, float]], front: list[str], *, svg_id:
     if len(on_front) > 1:
         path = " ".join(f"{sx(p[1]):.1f},{sy(max(p[2], 1e-6)):.1f}" for p in on_front)
         svg.append(f'<polyline class="pareto-front" points="{path}" fill="none" stroke="#d62728" stroke-width="2" stroke-dasharray="6 3"/>')
-    placed: list[tuple[float, float, float, float]] = []
+    # labels keep clear of every marker and of the labels placed before them
+    placed = [(sx(x) - 6, sy(max(y, 1e-6)) - 6, sx(x) + 6, sy(max(y, 1e-6)) + 6) for _, x, y in points]
     for i, (label, x, y) in enumerate(points):
         bold = label in front
         color = PALETTE[i % len(PALETTE)]
@@ -93,6 +96,9 @@ def scatter(points: list[tuple[str, float, float]], front: list[str], *, svg_id:
                    f'stroke="{"#d62728" if bold else "none"}" stroke-width="2"><title>{escape(label)}: {x:g}, {y:g}</title></circle>')
         weight = ' font-weight="bold"' if bold else ""
         lx, ly = _place_label(cx, cy, len(label) * (7.0 if bold else 6.2), placed)
+        if (lx, ly) != (cx + 8, cy - 6):  # moved away from its point: a leader line says whose it is
+            ex = lx - 1 if lx > cx else lx + len(label) * 6.2 + 1
+            svg.append(f'<line class="leader" x1="{cx:.1f}" y1="{cy:.1f}" x2="{ex:.1f}" y2="{ly - 4:.1f}" stroke="{color}" stroke-width="1"/>')
         svg.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11"{weight}>{escape(label)}</text>')
     svg.append("</svg>")
     return "\n".join(svg)
@@ -100,7 +106,7 @@ def scatter(points: list[tuple[str, float, float]], front: list[str], *, svg_id:
 
 def _place_label(cx: float, cy: float, width: float, placed: list[tuple[float, float, float, float]]) -> tuple[float, float]:
     """Where a point's label goes (text baseline): the first spot around the point whose box
-    overlaps no label placed before and stays inside the plot; recorded in ``placed``."""
+    overlaps nothing in ``placed`` (markers, earlier labels) and stays inside the plot; recorded there."""
     height = 12.0
     spots = [(8, -6), (8, 14), (8, -20), (8, 28), (-8 - width, -6), (-8 - width, 14), (-8 - width, -20), (8, -34), (8, 42)]
     for dx, dy in spots:

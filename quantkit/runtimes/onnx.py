@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..formats.onnx.graph import OnnxSessionInputs
+from ..formats.onnx.graph import OnnxSessionInputs, summarize_model
 from . import register_runtime
 from .hf import HFTokenizerMixin, config_sizes, linear_params, read_config
 from .pooling import read_pooling
@@ -130,8 +130,6 @@ class OnnxRuntime(HFTokenizerMixin):
     # -- sizes for the memory model -----------------------------------------------------------
     @classmethod
     def describe(cls, path: Path) -> dict[str, Any]:
-        from ..formats.onnx.graph import summarize_model
-
         path = Path(path)
         graph = summarize_model(path)
         config = read_config(path.parent)

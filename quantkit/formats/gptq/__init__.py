@@ -47,6 +47,7 @@ OPTION_DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTION
 # options that only matter when codes are chosen with calibration data (ignored by -rtn)
 _CALIBRATION_OPTIONS = ("damp", "act_order", "static_groups", *CALIBRATION_OPTION_NAMES)
 
+
 @dataclass(frozen=True)
 class GPTQScheme:
     bits: int

@@ -36,7 +36,6 @@ _SCHEME = re.compile(r"^(fp32|fp16|int8|int8-static|int4(?:g(32|128))?(-hqq)?)$"
 _SCHEME_HELP = "fp32, fp16, int8, int8-static, int4 (blocks of 32), int4g128, with -hqq for HQQ (e.g. int4g128-hqq)"
 
 
-
 def _exporters() -> list[str]:
     from .export import EXPORTERS
 
@@ -52,6 +51,7 @@ OPTIONS: dict[str, Option] = {
     **calibration_options(samples=16, seqlen=256),
 }
 OPTION_DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
+
 
 @dataclass(frozen=True)
 class OnnxScheme:
