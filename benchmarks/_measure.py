@@ -64,8 +64,8 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def timing(s: dict[str, float], unit: str = "s") -> str:
+def timing(s: dict[str, float], unit: str = "s", digits: int = 2) -> str:
     """'3.81 s (3.76–3.98)' from a spread; the range is left out when there was one run."""
     if s["min"] == s["max"]:
-        return f"{s['median']:.2f} {unit}"
-    return f"{s['median']:.2f} {unit} ({s['min']:.2f}–{s['max']:.2f})"
+        return f"{s['median']:.{digits}f} {unit}"
+    return f"{s['median']:.{digits}f} {unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"

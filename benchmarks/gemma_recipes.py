@@ -65,7 +65,7 @@ def _artifacts(folder: Path) -> dict[str, Path]:
 
 
 def _row(recipe: str, group: tuple[str, ...], convert: tuple[float, int], report: dict, report_path: Path) -> dict:
-    q, lat, mem, host = report["quality"], report.get("latency") or {}, report["memory"], report["host"]
+    q, lat, mem, host = report["quality"], report["latency"], report["memory"], report["host"]
     weights = mem["file_bytes"] if report["artifact"]["format"] != "bnb" else mem["predicted_terms"]["tensor_bytes"]
     return {
         "recipe": recipe,

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import markdown_table, write_results  # noqa: E402
+from _measure import markdown_table, spread, write_results  # noqa: E402
 
 NAME = "onnx_encoder"
 RECIPES = ("onnx:fp32", "onnx:int8", "onnx:int8-static")
@@ -82,7 +82,7 @@ def main() -> None:
     for r in rows:
         med = statistics.median(r["times"])
         r.update(passages_per_s=len(passages) / med, tokens_per_s=tokens / med, speedup_vs_onnx_fp32=fp32 / med,
-                 time_s={"median": med, "min": min(r["times"]), "max": max(r["times"])})
+                 time_s=spread(r["times"]))
         del r["times"]
     result = {"model": args.model.name if args.model.name != "model" else args.model.parent.name, "passages": len(passages),
               "tokens": tokens, "threads": args.threads, "repeats": args.repeats, "rows": rows}

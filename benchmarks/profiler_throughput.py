@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import markdown_table, write_results  # noqa: E402
+from _measure import markdown_table, spread, timing, write_results  # noqa: E402
 
 from quantkit.api import convert, profile  # noqa: E402
 from quantkit.profile.corpus import load_eval_data  # noqa: E402
@@ -92,8 +91,7 @@ def main() -> None:
     ):
         tokens = runs[0][0]
         rates = [n / s for n, s in runs]
-        rows.append({"tool": tool, "tokens_scored": tokens, "tokens_per_s_median": statistics.median(rates),
-                     "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates), "computes": what})
+        rows.append({"tool": tool, "tokens_scored": tokens, "tokens_per_s": spread(rates), "computes": what})
     result = {"model": gguf_file.name, "ctx": args.ctx, "chunks": args.chunks, "threads": args.threads,
               "repeats": args.repeats, "rows": rows}
     print(f"profiler throughput: {gguf_file.name}, ctx {args.ctx}, {args.chunks} windows, {args.threads} threads, "
@@ -104,9 +102,9 @@ def main() -> None:
 def table(result: dict) -> str:
     rows = result["rows"]
     body = markdown_table(["tool", "tokens scored", "tokens/s", "computes"], [
-        [r["tool"], str(r["tokens_scored"]), f"{r['tokens_per_s_median']:.1f} ({r['tokens_per_s_min']:.1f}–{r['tokens_per_s_max']:.1f})",
+        [r["tool"], str(r["tokens_scored"]), timing(r["tokens_per_s"], "tok/s", digits=1),
          r["computes"]] for r in rows])
-    return body + f"\nratio quantkit / bare loop: {rows[0]['tokens_per_s_median'] / rows[1]['tokens_per_s_median']:.2f}\n"
+    return body + f"\nratio quantkit / bare loop: {rows[0]['tokens_per_s']['median'] / rows[1]['tokens_per_s']['median']:.2f}\n"
 
 
 def sections(result: dict) -> dict[str, str]:

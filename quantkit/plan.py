@@ -65,7 +65,6 @@ def _shape(source) -> dict[str, int]:
             "other_params": max(0, total - embedding), "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
 
 
-
 def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
     from .hardware.estimate import ArtifactFacts
 

@@ -25,7 +25,7 @@ from .errors import PickleRefusedError, SourceError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Source", "TensorInfo", "resolve_source", "DEFAULT_SOURCE_ID"]
+__all__ = ["Source", "TensorInfo", "resolve_source", "DEFAULT_SOURCE_ID", "DTYPE_BYTES"]
 
 DEFAULT_SOURCE_ID = "embedded:gemma-3-270m"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -89,7 +89,8 @@ class Source:
 
 
 _FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+#: bytes per element of each safetensors dtype
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class TensorReader:
@@ -261,7 +262,6 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
             raise SourceError(f"{file}: corrupt safetensors header ({exc.__class__.__name__})") from exc
     header.pop("__metadata__", None)
     try:
-        data_end = max((meta["data_offsets"][1] for meta in header.values()), default=0)
         # tensors are read at these offsets: the byte ranges must tile the data exactly, each as
         # long as its shape says
         position = 0
@@ -269,11 +269,12 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
             start, end = meta["data_offsets"]
             if start != position or end < start:
                 raise SourceError(f"{file}: corrupt safetensors header (tensor {name!r} starts at byte {start}, expected {position})")
-            if meta["dtype"] in _ITEM_BYTES and end - start != math.prod(meta["shape"]) * _ITEM_BYTES[meta["dtype"]]:
+            if meta["dtype"] in DTYPE_BYTES and end - start != math.prod(meta["shape"]) * DTYPE_BYTES[meta["dtype"]]:
                 raise SourceError(f"{file}: corrupt safetensors header (tensor {name!r} has {end - start} bytes for shape {meta['shape']})")
             position = end
     except (TypeError, KeyError, IndexError, ValueError) as exc:
         raise SourceError(f"{file}: corrupt safetensors header (bad tensor entry)") from exc
+    data_end = position  # where the last tensor ends
     if 8 + header_bytes + data_end != size:
         raise SourceError(
             f"{file}: truncated or corrupt safetensors file (expected {8 + header_bytes + data_end} bytes, found {size})"

@@ -62,7 +62,9 @@ def scatter(points: list[tuple[str, float, float]], front: list[str], *, svg_id:
     ys = [max(p[2], 1e-6) if log_y else p[2] for p in points]
     # room on both sides for labels (they go left of a point when the right is taken)
     pad = 0.2 * ((max(xs) - min(xs)) or max(abs(max(xs)), 1.0))
-    x_lo, x_hi = max(0.0, min(xs) - pad) if min(xs) >= 0 else min(xs) - pad, max(xs) + 0.6 * pad
+    x_lo, x_hi = min(xs) - pad, max(xs) + 0.6 * pad
+    if min(xs) >= 0:
+        x_lo = max(0.0, x_lo)
     if log_y:
         y_lo, y_hi = min(ys) / 2, max(ys) * 2
         ly_lo, ly_hi = math.log10(y_lo), math.log10(y_hi)
@@ -95,9 +97,10 @@ def scatter(points: list[tuple[str, float, float]], front: list[str], *, svg_id:
         svg.append(f'<circle class="point" cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if bold else 4}" fill="{color}" '
                    f'stroke="{"#d62728" if bold else "none"}" stroke-width="2"><title>{escape(label)}: {x:g}, {y:g}</title></circle>')
         weight = ' font-weight="bold"' if bold else ""
-        lx, ly = _place_label(cx, cy, len(label) * (7.0 if bold else 6.2), placed)
+        width = len(label) * (7.0 if bold else 6.2)
+        lx, ly = _place_label(cx, cy, width, placed)
         if (lx, ly) != (cx + 8, cy - 6):  # moved away from its point: a leader line says whose it is
-            ex = lx - 1 if lx > cx else lx + len(label) * 6.2 + 1
+            ex = lx - 1 if lx > cx else lx + width + 1
             svg.append(f'<line class="leader" x1="{cx:.1f}" y1="{cy:.1f}" x2="{ex:.1f}" y2="{ly - 4:.1f}" stroke="{color}" stroke-width="1"/>')
         svg.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11"{weight}>{escape(label)}</text>')
     svg.append("</svg>")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..source import Source, resolve_source
+from ..source import DTYPE_BYTES, Source, resolve_source
 from . import register_runtime
 from .hf import TransformersRuntime
 
@@ -17,8 +17,6 @@ __all__ = ["BnbRuntime"]
 # bytes per weight element of a quantized nn.Linear, with bitsandbytes' statistics:
 # LLM.int8() keeps one float32 scale per output row; NF4/FP4 one float32 absmax per 64 weights
 _BYTES_PER_ELEMENT = {"int8": 1.0, "4bit": 0.5 + 4 / 64}
-# bytes per element of the checkpoint's own tensors
-_FILE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 def _read(path: Path) -> tuple[dict[str, Any], Source]:
@@ -84,7 +82,7 @@ class BnbRuntime(TransformersRuntime):
             # quantizes or converts stay resident while loading; a float32 tensor kept as it is
             # (embeddings, norms of a float32 checkpoint) is those pages, already in tensor_bytes
             if quantized or info.dtype != "F32":
-                transient += n * _FILE_BYTES.get(info.dtype, 4)
+                transient += n * DTYPE_BYTES.get(info.dtype, 4)
         return {
             "config": source.config,
             "tensor_bytes": total,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..formats.onnx.graph import OnnxSessionInputs, summarize_model
+from ..formats.onnx.graph import OnnxSessionInputs, element_bytes, summarize_model
 from . import register_runtime
 from .hf import HFTokenizerMixin, config_sizes, linear_params, read_config
 from .pooling import read_pooling
@@ -135,7 +135,7 @@ class OnnxRuntime(HFTokenizerMixin):
         config = read_config(path.parent)
         kind = "decoder" if "logits" in graph["outputs"] else "encoder"
         past = [t for name, t in graph["input_types"].items() if name.startswith("past_key_values.")]
-        kv_bytes = (2 if past[0] == 10 else 4) if past else 0  # float16 or float32 cache
+        kv_bytes = int(element_bytes(past[0])) if past else 0  # the KV cache's element type
         sizes = config_sizes(config)
         return {
             **sizes,

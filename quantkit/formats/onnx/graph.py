@@ -18,7 +18,7 @@ import numpy as np
 
 from ...errors import InputError
 
-__all__ = ["summarize_model", "initializer_bytes", "OnnxSessionInputs", "STANDARD_DOMAINS"]
+__all__ = ["summarize_model", "initializer_bytes", "element_bytes", "OnnxSessionInputs", "STANDARD_DOMAINS"]
 
 # the domains of standard ONNX operators; anything else (com.microsoft, ...) is a runtime extension
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -35,6 +35,11 @@ def _load(path: Path):
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise InputError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from exc
+
+
+def element_bytes(elem_type: int) -> float:
+    """Bytes per element of an ONNX TensorProto data type (1 float32 -> 4, 10 float16 -> 2, int4 -> 0.5)."""
+    return _BITS.get(elem_type, 32) / 8
 
 
 def initializer_bytes(model) -> dict[str, int]:
