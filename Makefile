@@ -15,7 +15,7 @@ endif
 STAMP := $(VENV)/.quantkit-installed
 DEMO_OUT ?= out/demo
 
-.PHONY: install demo test lint clean bench bench-quick
+.PHONY: install demo test lint clean bench bench-quick fuzz
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/onnx_encoder.py
 	$(BIN)/python benchmarks/profiler_throughput.py --repeats 2
 	$(BIN)/python benchmarks/gemma_recipes.py
+	$(BIN)/python benchmarks/host_estimate.py
 	$(BIN)/python benchmarks/readme.py
 
 # each script on the smallest setting, in a few minutes; results go to benchmarks/results/quick/
@@ -52,6 +53,10 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/onnx_encoder.py --repeats 2
 	$(BIN)/python benchmarks/profiler_throughput.py --chunks 2 --repeats 1
 	$(BIN)/python benchmarks/gemma_recipes.py --quick
+
+# the untrusted-input readers' property tests with 2,000 random mutations each (about a minute)
+fuzz: $(STAMP)
+	QUANTKIT_FUZZ_EXAMPLES=2000 QUANTKIT_FUZZ_RANDOM=1 $(BIN)/python -m pytest tests/test_fuzz_readers.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check quantkit tests benchmarks

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import Artifact
+from .artifact import Artifact, remove_stale
 from .formats import ConvertOptions, get_format
 from .profile.corpus import default_texts
 from .progress import Progress
@@ -28,6 +28,7 @@ class ConvertResult:
     artifacts: list[Artifact] = field(default_factory=list)
     elapsed_s: float = 0.0
     peak_rss_bytes: int = 0
+    stale_removed: tuple[int, int] = (0, 0)  # unfinished outputs of killed runs removed: (count, bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class ConvertResult:
             ],
             "elapsed_s": round(self.elapsed_s, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
+            "stale_removed": {"count": self.stale_removed[0], "bytes": self.stale_removed[1]},
         }
 
 
@@ -95,7 +97,7 @@ def convert(
                 )
 
     options = ConvertOptions(threads=threads, progress=progress, verify=checker)
-    result = ConvertResult(source=src.to_manifest())
+    result = ConvertResult(source=src.to_manifest(), stale_removed=remove_stale(Path(out_dir)))
     by_format: dict[str, list[Recipe]] = {}
     for recipe in recipes:
         by_format.setdefault(recipe.format, []).append(recipe)
@@ -146,11 +148,13 @@ def profile(
     progress: Progress | None = None,
     profiles: list[str] | None = None,
     calibrate_from: str | Path | None = None,
+    check: bool = True,
 ) -> dict[str, Any]:
     """Measure quality loss against the reference, latency and memory of one artifact, here;
     with ``profiles`` (hardware profile names or files, ``host`` included), add what it would
     do on each target: fits, estimated speed, compatibility. ``calibrate_from`` takes the host
-    efficiencies from another profile report instead of this artifact's own run."""
+    efficiencies from another profile report instead of this artifact's own run. The artifact's
+    files are checked against its manifest first (sha256 too unless ``check`` is False)."""
     from .embedded import cache_dir
     from .hardware import HOST, load_profile
     from .profile.corpus import load_eval_data
@@ -160,7 +164,7 @@ def profile(
     # profile files are checked before anything is measured
     targets = [HOST if name == HOST else load_profile(name) for name in dict.fromkeys(profiles or [])]
     calibration = _calibration_from(calibrate_from) if calibrate_from else None
-    _fmt, _main, manifest = locate_artifact(Path(artifact))
+    _fmt, _main, manifest = locate_artifact(Path(artifact), check=True, hashes=check)
     ref = _reference_for(manifest, reference, threads) if quality else None
     texts = load_eval_data(eval_data) if quality else {}
     report = profile_artifact(
@@ -310,4 +314,4 @@ def plan(
     from .plan import plan as run_plan
 
     return run_plan(source, profile_name, Path(out_dir), max_kld=max_kld, min_decode_tps=min_decode_tps,
-                    ctx=ctx, threads=threads, progress=progress)
+                    ctx=ctx, threads=threads, progress=progress, convert=convert, profile=profile)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,14 +20,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import ConversionError
+from .errors import ArtifactError, ConversionError
 
 __all__ = [
     "Artifact",
     "MANIFEST_NAME",
     "atomic_dir",
     "atomic_file",
+    "work_dir",
+    "remove_stale",
     "read_manifest",
+    "check_artifact",
     "sha256_file",
     "tool_versions",
     "write_manifest",
@@ -77,6 +81,61 @@ def tool_versions() -> dict[str, str]:
 
 def _partial_name(final: Path) -> Path:
     return final.parent / f".{final.name}.partial-{os.getpid()}"
+
+
+# hidden names this module gives unfinished output: ".NAME.partial-PID" and ".NAME.old-PID"
+_UNFINISHED = re.compile(r"^\..+\.(?:partial|old)-(\d+)$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def remove_stale(folder: Path) -> tuple[int, int]:
+    """Remove unfinished outputs in ``folder`` left by runs whose process is gone (killed with
+    SIGKILL, a machine that lost power); returns (entries removed, bytes freed)."""
+    count = freed = 0
+    if not Path(folder).is_dir():
+        return 0, 0
+    for entry in Path(folder).iterdir():
+        match = _UNFINISHED.match(entry.name)
+        if not match or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+            continue
+        size = _tree_bytes(entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        if not entry.exists():
+            count, freed = count + 1, freed + size
+    return count, freed
+
+
+@contextlib.contextmanager
+def work_dir(folder: Path, name: str = "quantkit-work") -> Iterator[Path]:
+    """A hidden scratch folder in ``folder`` (``.NAME.partial-PID``), removed when the block
+    ends; one left by a killed run is found and removed by :func:`remove_stale`."""
+    path = _partial_name(Path(folder) / name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -149,5 +208,64 @@ def write_manifest(
     return manifest
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MANIFEST_KEYS = {"manifest_version": int, "recipe": dict, "source": dict, "details": dict, "files": list}
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / MANIFEST_NAME).read_text())
+    """The artifact's manifest, checked for the keys and types quantkit relies on; a damaged
+    one is an ArtifactError naming the file and what is wrong."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{folder}: not a quantkit artifact (no {MANIFEST_NAME})") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a readable manifest ({type(exc).__name__})") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: not a manifest (a JSON object was expected)")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: the manifest lacks {', '.join(missing)}")
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise ArtifactError(f"{path}: manifest key {key!r} should be a {kind.__name__}")
+    recipe = manifest["recipe"]
+    if not all(isinstance(recipe.get(k), str) for k in ("format", "scheme")):
+        raise ArtifactError(f"{path}: the manifest's recipe lacks its format or scheme")
+    if not manifest["files"]:
+        raise ArtifactError(f"{path}: the manifest lists no files")
+    for i, entry in enumerate(manifest["files"]):
+        ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+              and isinstance(entry.get("bytes"), int) and not isinstance(entry.get("bytes"), bool) and entry["bytes"] >= 0
+              and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"]))
+        if not ok:
+            raise ArtifactError(f"{path}: files[{i}] needs a path, a byte count and a sha256")
+        rel = Path(entry["path"])
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ArtifactError(f"{path}: files[{i}] path {entry['path']!r} points outside the artifact")
+    main = manifest.get("main_file", manifest["files"][0]["path"])
+    if not isinstance(main, str) or main not in {f["path"] for f in manifest["files"]}:
+        raise ArtifactError(f"{path}: main_file {main!r} is not one of the listed files")
+    return manifest
+
+
+def check_artifact(folder: Path, manifest: dict[str, Any], *, hashes: bool = True) -> None:
+    """The folder holds exactly the manifest's files, each of the recorded size (and sha256,
+    unless ``hashes`` is False); else an ArtifactError naming the file."""
+    folder = Path(folder)
+    listed = {f["path"]: f for f in manifest["files"]}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
+    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
+    if missing:
+        raise ArtifactError(f"{folder}: missing file(s) the manifest lists: {', '.join(missing)}")
+    if extra:
+        raise ArtifactError(f"{folder}: file(s) the manifest does not list: {', '.join(extra)}")
+    for rel, entry in listed.items():
+        size = (folder / rel).stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(f"{folder / rel}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+    if hashes:
+        for rel, entry in listed.items():
+            if sha256_file(folder / rel) != entry["sha256"]:
+                raise ArtifactError(f"{folder / rel}: sha256 differs from the manifest (damaged or modified; --no-check skips this)")

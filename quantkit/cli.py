@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -78,6 +80,9 @@ def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, t
                                            html=html_path, markdown=markdown_path, **options)
     else:
         result, verdict = run_convert(source, recipes or DEFAULT_RECIPES, out_dir, **options), None
+    count, freed = result.stale_removed
+    if count:
+        click.echo(f"removed {count} unfinished output(s) left by killed runs in {out_dir} ({_human_bytes(freed)} freed)", err=True)
     if as_json:
         out = result.to_dict()
         if verdict is not None:
@@ -148,8 +153,9 @@ def _render_convert(result) -> None:
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the JSON report here.")
 @click.option("--profile", "profiles", multiple=True, metavar="NAME|FILE", help="Hardware profile to estimate for (repeatable; 'host' is this machine). See: quantkit profiles list.")
 @click.option("--calibrate-from", type=click.Path(), default=None, help="Take host efficiencies from another report (made with --profile host) instead of this artifact's run.")
+@click.option("--no-check", is_flag=True, help="Skip the sha256 check of the artifact's files against its manifest (sizes are still checked).")
 @click.pass_context
-def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_latency, json_path, profiles, calibrate_from):
+def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_latency, json_path, profiles, calibrate_from, no_check):
     """Measure ARTIFACT's quality loss, latency and memory on this host."""
     from .api import profile as run_profile
     from .progress import Progress
@@ -159,7 +165,7 @@ def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_la
         artifact, reference=reference, eval_data=[s for s in eval_data.split(",") if s],
         ctx=ctx_len, chunks=chunks, threads=threads, latency=not no_latency,
         progress=Progress(False if ctx.obj["quiet"] else None), profiles=list(profiles),
-        calibrate_from=calibrate_from,
+        calibrate_from=calibrate_from, check=not no_check,
     )
     if json_path:
         write_json(report, json_path)
@@ -240,8 +246,23 @@ def profiles_schema() -> None:
     click.echo(json.dumps(HardwareProfile.model_json_schema(), indent=2))
 
 
+def _terminated(signum, frame):
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so unfinished outputs are removed
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: map quantkit errors to one-line messages and exit codes."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         # without standalone mode click returns, rather than raises, a command's ctx.exit(code)

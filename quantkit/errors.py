@@ -16,6 +16,8 @@ __all__ = [
     "RecipeError",
     "ConversionError",
     "VerificationError",
+    "NativeError",
+    "ArtifactError",
 ]
 
 
@@ -57,3 +59,13 @@ class ConversionError(QuantkitError):
 
 class VerificationError(QuantkitError):
     """An artifact failed its built-in verification against the source model."""
+
+
+class NativeError(QuantkitError):
+    """A native library (llama.cpp, ONNX Runtime) failed or aborted in quantkit's child process;
+    the message carries the library's own line."""
+
+
+class ArtifactError(InputError):
+    """An artifact folder or profile report is damaged: missing or extra files, a manifest
+    without its keys, a sha256 that does not match, truncated weights."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,18 @@ def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
 
 
 def _state(path: Path, fingerprint: str) -> dict[str, Any]:
+    from .errors import ArtifactError
+
     if path.is_file():
-        state = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: not a readable plan state ({type(exc).__name__}); delete it to start over") from exc
+        done = state.get("done") if isinstance(state, dict) else None
+        if not isinstance(done, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("artifact"), str) and isinstance(v.get("report"), str) for v in done.values()
+        ):
+            raise ArtifactError(f"{path}: not a plan state (needs 'done' entries with an artifact and a report); delete it to start over")
         if state.get("source_fingerprint") == fingerprint:
             return state
     return {"source_fingerprint": fingerprint, "done": {}}
@@ -105,9 +116,15 @@ def plan(
     threads: int | None = None,
     progress=None,
     candidates: tuple[Candidate, ...] = CANDIDATES,
+    convert: Callable[..., Any],
+    profile: Callable[..., dict[str, Any]],
 ) -> dict[str, Any]:
-    """Estimate, prune, convert and profile candidates; return the plan (also ``plan.json``)."""
-    from .api import convert, profile
+    """Estimate, prune, convert and profile candidates; return the plan (also ``plan.json``).
+
+    ``convert`` and ``profile`` are the API's verbs (``quantkit.api`` passes its own), so the
+    planner depends on what they do, not on the module that offers them."""
+    from .artifact import check_artifact, read_manifest
+    from .gate import read_report
     from .hardware import load_profile
     from .hardware.estimate import estimate_target
     from .report.gate_render import pareto_front
@@ -146,7 +163,8 @@ def plan(
         key = f"{cand.recipe}|static={static}|ctx={ctx}|chunks={chunks}"
         done = state["done"].get(key)
         if done and Path(done["report"]).is_file() and Path(done["artifact"]).is_dir():
-            report = json.loads(Path(done["report"]).read_text(encoding="utf-8"))
+            check_artifact(Path(done["artifact"]), read_manifest(Path(done["artifact"])), hashes=False)
+            report = read_report(done["report"])  # schema-checked: a damaged report is bad input
             row["resumed"] = True
         else:
             options = {"static_shapes": True} if static and cand.recipe.startswith("onnx:") else {}
@@ -184,10 +202,10 @@ def plan(
 
 def _write_html(path: Path, report_files: list[str]) -> None:
     """The profiled candidates' plots (size against KLD, per domain, speed per profile)."""
-    from .gate import GateResult
+    from .gate import GateResult, read_report
     from .report.gate_render import render_html
     from .report.render import write_text
 
-    reports = [json.loads(Path(f).read_text(encoding="utf-8")) for f in report_files]
+    reports = [read_report(f) for f in report_files]
     if reports:
         write_text(path, render_html(GateResult(reports=reports), title="quantkit plan"))

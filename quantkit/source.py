@@ -214,8 +214,12 @@ def _index_weights(folder: Path, *, allow_pickle: bool) -> tuple[dict[str, Tenso
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-            raise SourceError(f"{index}: malformed safetensors index ({exc})") from exc
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{index}: malformed safetensors index ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and f and not Path(f).is_absolute() and ".." not in Path(f).parts for f in weight_map.values()
+        ):
+            raise SourceError(f"{index}: malformed safetensors index (weight_map must map tensor names to files in the folder)")
         files = sorted({folder / f for f in weight_map.values()})
     else:
         files = sorted(folder.glob("*.safetensors"))
@@ -260,7 +264,13 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
             header = json.loads(fh.read(header_bytes))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SourceError(f"{file}: corrupt safetensors header ({exc.__class__.__name__})") from exc
+    if not isinstance(header, dict):
+        raise SourceError(f"{file}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    for name, meta in header.items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and _int_list(meta.get("shape"))
+                and _int_list(meta.get("data_offsets")) and len(meta["data_offsets"]) == 2):
+            raise SourceError(f"{file}: corrupt safetensors header (tensor {name!r} needs a dtype, a shape and two data offsets)")
     try:
         # tensors are read at these offsets: the byte ranges must tile the data exactly, each as
         # long as its shape says
@@ -282,8 +292,12 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + header_bytes
 
 
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
 def _gguf_source(path: Path) -> Source:
-    from .formats.gguf.writer import read_gguf_summary
+    from .formats.gguf.header import read_gguf_summary
 
     if path.suffix != ".gguf":
         raise SourceError(f"{path}: a file source must be a .gguf file (or pass a checkpoint folder)")

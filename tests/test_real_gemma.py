@@ -85,14 +85,15 @@ def test_profile_orders_q8_q4km_q2k(converted, tmp_path):
     for rep in reports.values():  # the memory model (weights + repack + vocab + KV + compute)
         assert abs(rep["memory"]["predicted_error_pct"]) < 15, rep["memory"]
         assert 0 < rep["host"]["decode_roofline_fraction"] < 1.5
-    # the host estimate for q4_k_m, calibrated on another artifact's run (q8_0), against the
-    # measurement: within 2x
+    # the host estimate calibrated on another artifact's run is compared with a measurement in
+    # benchmarks/host_estimate.py (speed depends on the machine's load); here, what cannot
+    # change with load: q8_0's measured efficiencies carry over to q4_k_m's estimates
     (tmp_path / "q8.json").write_text(json.dumps(reports["gguf:q8_0"]))
-    host = profile(converted["gguf:q4_k_m"].path, quality=False, profiles=["host"], calibrate_from=tmp_path / "q8.json")
-    target = host["targets"][0]
-    print("host estimate error vs measurement (%):", target["estimate_error_pct"])
-    for key, measured in target["measured"].items():
-        assert 0.5 <= target[key] / measured <= 2.0, (key, target[key], measured)
+    host = profile(converted["gguf:q4_k_m"].path, quality=False, latency=False, profiles=["rtx-4060-8gb"],
+                   calibrate_from=tmp_path / "q8.json")
+    efficiency = host["targets"][0]["efficiency"]
+    assert efficiency["decode"] == pytest.approx(reports["gguf:q8_0"]["host"]["efficiency"]["decode"])
+    assert "q8.json" in efficiency["calibrated_on"]
 
 
 def test_onnx_int8_and_int4_profile_next_to_gguf(tmp_path):
@@ -150,7 +151,7 @@ def test_convert_profile_gate(tmp_path, capsys):
 
     passing, failing = tmp_path / "pass.yaml", tmp_path / "fail.yaml"
     passing.write_text("rules:\n  kld_mean: {max: 0.05}\n  top1_agreement: {min: 0.9}\n  file_bytes: {max: 300000000}\n"
-                       "  decode_tokens_per_s: {min: 1}\nfits: [rtx-4060-8gb, raspberry-pi-5-8gb, ascend-310p]\n")
+                       "  rtx-4060-8gb.decode_tokens_per_s: {min: 1}\nfits: [rtx-4060-8gb, raspberry-pi-5-8gb, ascend-310p]\n")
     failing.write_text("rules:\n  kld_mean: {max: 0.05}\n  zh.top1_agreement: {min: 0.99}\ncompatible: [ascend-310p]\n")
     out = tmp_path / "out"
     html = tmp_path / "gate.html"

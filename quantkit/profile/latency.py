@@ -1,20 +1,15 @@
-"""Latency and peak memory, measured in a fresh subprocess that loads the artifact and generates.
+"""Latency and peak memory, measured in a fresh child process that loads the artifact and generates.
 
 A fresh process makes ``peak_rss_bytes`` the footprint a user would see for this model alone,
-and keeps the profiler's own reference model and logits out of the figure. Run as
-``python -m quantkit.profile.latency ARGS_JSON``; prints one JSON line.
+and keeps the profiler's own reference model and logits out of the figure. The child is
+quantkit's isolated worker (``quantkit.isolate``), so a runtime that aborts is an error here.
 """
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
-import subprocess
-import sys
 from pathlib import Path
-
-from ..errors import QuantkitError
 
 __all__ = ["measure_latency", "spread"]
 
@@ -41,14 +36,10 @@ def measure_latency(
     at a time (``encode_texts_per_s``, ``encode_tokens_per_s``)."""
     args = dict(fmt=fmt, kind=kind, path=str(path), ctx=ctx, prompt_tokens=prompt_tokens,
                 generate_tokens=generate_tokens, repeats=repeats, threads=threads)
-    proc = subprocess.run(
-        [sys.executable, "-m", "quantkit.profile.latency", json.dumps(args)],
-        capture_output=True, text=True, timeout=1800, check=False,
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise QuantkitError(f"latency worker failed for {path.name}: {tail}")
-    raw = json.loads(proc.stdout.strip().splitlines()[-1])
+    from ..isolate import run_isolated
+
+    raw = run_isolated("quantkit.profile.latency:latency_in_child", args, what=f"latency worker for {path.name}",
+                       timeout=1800)
     runs = raw["runs"]
     memory = {"peak_rss_bytes": raw["peak_rss_bytes"], "baseline_rss_bytes": raw["baseline_rss_bytes"]}
     if kind == "encoder":
@@ -75,7 +66,7 @@ def measure_latency(
     }
 
 
-def _worker(args: dict) -> None:
+def latency_in_child(args: dict, reporter) -> dict:
     from ..profile.corpus import default_texts
     from ..runtimes import get_runtime
 
@@ -90,9 +81,8 @@ def _worker(args: dict) -> None:
         passages = segments(text, limit=32)
         tokens = sum(len(runtime.tokenize(p)) for p in passages)
         runs = [runtime.encode_timed(passages) for _ in range(args["repeats"] + 1)][1:]
-        print(json.dumps({"runs": runs, "texts": len(passages), "tokens": tokens, "peak_rss_bytes": _proc_status_bytes("VmHWM"),
-                          "baseline_rss_bytes": baseline}))
-        return
+        return {"runs": runs, "texts": len(passages), "tokens": tokens, "peak_rss_bytes": _proc_status_bytes("VmHWM"),
+                "baseline_rss_bytes": baseline}
     tokens = runtime.tokenize(text)
     while len(tokens) < args["prompt_tokens"]:
         tokens += tokens
@@ -100,8 +90,4 @@ def _worker(args: dict) -> None:
     prompt = tokens[: max(1, min(args["prompt_tokens"], room))]
     runs = [runtime.generate_timed(prompt, args["generate_tokens"]) for _ in range(args["repeats"] + 1)][1:]
     peak = _proc_status_bytes("VmHWM")
-    print(json.dumps({"runs": runs, "prompt_tokens": len(prompt), "peak_rss_bytes": peak, "baseline_rss_bytes": baseline}))
-
-
-if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))
+    return {"runs": runs, "prompt_tokens": len(prompt), "peak_rss_bytes": peak, "baseline_rss_bytes": baseline}

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..artifact import MANIFEST_NAME, read_manifest, tool_versions
-from ..errors import InputError
+from ..artifact import MANIFEST_NAME, check_artifact, read_manifest, tool_versions
+from ..errors import ArtifactError, InputError, SourceError
 from ..progress import Progress
 from ..runtimes import get_runtime
 from .latency import measure_latency
@@ -25,18 +25,36 @@ __all__ = ["profile_artifact", "locate_artifact", "make_windows"]
 REPORT_SCHEMA_VERSION = 1
 
 
-def locate_artifact(path: Path) -> tuple[str, Path, dict | None]:
-    """(format, file to load, manifest or None) for an artifact folder or a bare model file."""
+def locate_artifact(path: Path, *, check: bool = False, hashes: bool = True) -> tuple[str, Path, dict | None]:
+    """(format, file to load, manifest or None) for an artifact folder or a bare model file.
+
+    The manifest is always validated; with ``check`` the folder must hold exactly its files at
+    their recorded sizes (and sha256 unless ``hashes`` is False), and a GGUF's header and tensor
+    extents are read. Damage is an ArtifactError (bad input)."""
+    from ..formats.gguf.header import read_gguf_summary
+    from ..runtimes import runtime_formats
+
     path = Path(path)
     if path.is_dir():
         if not (path / MANIFEST_NAME).is_file():
             raise InputError(f"{path}: not a quantkit artifact (no {MANIFEST_NAME})")
         manifest = read_manifest(path)
+        fmt = manifest["recipe"]["format"]
+        if fmt not in runtime_formats():
+            raise ArtifactError(f"{path / MANIFEST_NAME}: unknown artifact format {fmt!r}; known: {', '.join(runtime_formats())}")
+        if check:
+            check_artifact(path, manifest, hashes=hashes)
         main = path / manifest.get("main_file", manifest["files"][0]["path"])
-        return manifest["recipe"]["format"], main, manifest
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf", path, None
-    raise InputError(f"{path}: no such artifact (an artifact folder or a .gguf file)")
+    elif path.is_file() and path.suffix == ".gguf":
+        fmt, main, manifest = "gguf", path, None
+    else:
+        raise InputError(f"{path}: no such artifact (an artifact folder or a .gguf file)")
+    if fmt == "gguf" and (check or manifest is None):
+        try:
+            read_gguf_summary(main)
+        except SourceError as exc:
+            raise ArtifactError(str(exc)) from exc
+    return fmt, main, manifest
 
 
 def make_windows(tokens: list[int], bos: int | None, ctx: int, chunks: int | None) -> list[list[int]]:

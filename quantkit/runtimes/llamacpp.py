@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import VerificationError
+from ..errors import NativeError, VerificationError
 from . import register_runtime
 from .hf import linear_params
 
-__all__ = ["LlamaCppRuntime"]
+__all__ = ["LlamaCppRuntime", "check_loads"]
 
 _VOCAB_BYTES_PER_TOKEN = 192
 # ggml's CPU backend copies these weight types into an interleaved layout at load time
@@ -53,7 +55,14 @@ class LlamaCppRuntime:
         import llama_cpp
         from llama_cpp import _logger
 
-        _logger.set_verbose(False)  # llama.cpp's load-time notices are not for our users
+        from ..isolate import in_child
+
+        # the same load in a child first: an abort there cannot take this process down; in the
+        # child, llama.cpp's log stays on stderr (captured, the reason for a failure), elsewhere
+        # its load-time notices are not for our users
+        check_loads(Path(path), n_ctx=n_ctx, threads=threads, logits_all=logits_all)
+        verbose = in_child()
+        _logger.set_verbose(verbose)
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -63,7 +72,7 @@ class LlamaCppRuntime:
                 logits_all=logits_all,
                 n_threads=threads or os.cpu_count(),
                 seed=0,
-                verbose=False,
+                verbose=verbose,
             )
         except (ValueError, RuntimeError) as exc:
             raise VerificationError(f"llama.cpp could not load {path}: {exc}") from exc
@@ -158,3 +167,55 @@ class LlamaCppRuntime:
 
     def close(self) -> None:
         self._llm.close()
+
+
+_LOADED: set[tuple] = set()  # (file identity, settings) already loaded once in a child
+
+
+def check_loads(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, threads: int | None = None,
+                logits_all: bool = True) -> None:
+    """Load ``path`` in llama.cpp in a child process, as :class:`LlamaCppRuntime` will (or only
+    its vocabulary, which is quick): a GGML_ASSERT there is a NativeError here, with
+    llama.cpp's own message. Each file and setting is checked once per process."""
+    from ..isolate import in_child, run_isolated
+
+    if in_child():
+        return
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    settings = (True,) if vocab_only else (False, n_ctx, logits_all)
+    # a full load covers the vocabulary-only one
+    if (*key, *settings) in _LOADED or (vocab_only and any(k[:3] == key for k in _LOADED)):
+        return
+    args = {"path": str(path), "vocab_only": vocab_only, "n_ctx": n_ctx, "threads": threads, "logits_all": logits_all}
+    run_isolated("quantkit.runtimes.llamacpp:load_in_child", args, what=f"llama.cpp loading {Path(path).name}")
+    _LOADED.add((*key, *settings))
+
+
+def load_in_child(args: dict, reporter) -> dict:
+    """The child's side of :func:`check_loads`."""
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if text:
+            lines.append(text.decode("utf-8", "replace"))
+            sys.stderr.write(lines[-1])
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    path = Path(args["path"])
+    if not args["vocab_only"]:
+        LlamaCppRuntime(path, n_ctx=args["n_ctx"], threads=args["threads"], logits_all=args["logits_all"]).close()
+        return {}
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        from ..isolate import native_message
+
+        raise NativeError(f"llama.cpp cannot load {path.name}: {native_message(''.join(lines)) or 'no message'}")
+    n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
+    llama_cpp.llama_model_free(model)
+    return {"n_vocab": n_vocab}

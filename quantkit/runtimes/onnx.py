@@ -32,18 +32,10 @@ class OnnxRuntime(HFTokenizerMixin):
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such ONNX model")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         available = ort.get_available_providers()
         self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers)
-        except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/... types
-            detail = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
-            raise InputError(f"{self.path}: ONNX Runtime cannot load the model ({detail})") from exc
+        check_session(self.path, threads, self.providers)
+        self.session = _session(self.path, threads, self.providers)
         self.inputs = OnnxSessionInputs.from_session(self.session)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.present = [o for o in self.outputs if o.startswith("present.")]  # KV-cache outputs
@@ -157,3 +149,43 @@ class OnnxRuntime(HFTokenizerMixin):
     def close(self) -> None:
         self.session = None
 
+
+
+def _session(path: Path, threads: int | None, providers: list[str]):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/... types
+        detail = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        raise InputError(f"{path}: ONNX Runtime cannot load the model ({detail})") from exc
+
+
+_CHECKED: set[tuple] = set()
+
+
+def check_session(path: Path, threads: int | None, providers: list[str]) -> None:
+    """Create the session once in a child process first: an abort inside ONNX Runtime's graph
+    loading there is a NativeError here, with its message. Once per file and setting."""
+    from ..isolate import in_child, run_isolated
+
+    if in_child():
+        return
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, threads, tuple(providers))
+    if key not in _CHECKED:
+        run_isolated("quantkit.runtimes.onnx:session_in_child",
+                     {"path": str(path), "threads": threads, "providers": providers},
+                     what=f"ONNX Runtime loading {path.name}")
+        _CHECKED.add(key)
+
+
+def session_in_child(args: dict, reporter) -> dict:
+    """The child's side of :func:`check_session`."""
+    _session(Path(args["path"]), args["threads"], args["providers"])
+    return {}

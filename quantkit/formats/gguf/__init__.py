@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...artifact import Artifact, atomic_dir, write_manifest
+from ...artifact import Artifact, atomic_dir, work_dir, write_manifest
 from ...errors import RecipeError
 from ...progress import Progress
 from ...recipe import Recipe
+from ...runtimes.llamacpp import check_loads
 from ...source import Source
 from .. import ConvertOptions, Format, register_format
+from .header import read_gguf_summary
 from .quantize import QUANT_SCHEMES, quantize_gguf
-from .writer import FLOAT_TYPES, read_gguf_summary, tensor_count, write_float_gguf
+from .writer import FLOAT_TYPES, tensor_count, write_float_gguf
 
 __all__ = ["GGUFFormat", "QUANT_SCHEMES"]
 
@@ -57,7 +58,7 @@ class GGUFFormat(Format):
         progress = options.progress or Progress(False)
         out_dir.mkdir(parents=True, exist_ok=True)
         artifacts = []
-        with tempfile.TemporaryDirectory(prefix=".quantkit-work-", dir=out_dir) as work:
+        with work_dir(out_dir) as work:
             details: dict = {}
             if source.kind == "hf":
                 base_type = _lossless_type(source)
@@ -81,7 +82,9 @@ class GGUFFormat(Format):
                         with progress.task(f"quantizing {recipe.scheme}", total) as advance:
                             quantize_gguf(base, out, recipe.scheme, threads=options.threads, advance=advance)
                     info = {**details, **read_gguf_summary(out), "intermediate": base_type}
-                    if options.verify:
+                    if not options.verify:  # verification loads it fully; never leave a GGUF llama.cpp refuses
+                        check_loads(out, vocab_only=True)
+                    else:
                         provisional = Artifact(tmp, out, {"recipe": recipe.to_dict()})
                         info["verification"] = options.verify(provisional)
                     manifest = write_manifest(

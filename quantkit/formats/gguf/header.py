@@ -20,7 +20,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-__all__ = ["GGUFHeader", "TensorHeader", "StringArray", "read_header"]
+from ...errors import SourceError
+
+__all__ = ["GGUFHeader", "TensorHeader", "StringArray", "read_header", "read_gguf_summary"]
 
 # GGUF value type -> (struct code, numpy dtype) for the fixed-size types
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -119,3 +121,29 @@ def read_header(path: Path) -> GGUFHeader:
         n_bytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
         tensors.append(TensorHeader(name, shape, qtype, data_start + offset, n_bytes))
     return GGUFHeader(version, fields, tensors, data_start)
+
+
+def read_gguf_summary(path: Path) -> dict:
+    """Validate a GGUF file (magic, header, tensor data within the file) and summarise it."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise SourceError(f"{path}: not a GGUF file (bad magic {magic!r})")
+    try:
+        reader = read_header(path)
+    except Exception as exc:  # ValueError/struct.error on damage
+        raise SourceError(f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from exc
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise SourceError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
+    file_type, arch = reader.fields.get("general.file_type"), reader.fields.get("general.architecture")
+    if file_type is not None and not isinstance(file_type, int):
+        raise SourceError(f"{path}: corrupt GGUF header (general.file_type is not an integer)")
+    if arch is not None and not isinstance(arch, str):
+        raise SourceError(f"{path}: corrupt GGUF header (general.architecture is not a string)")
+    return {
+        "gguf_architecture": arch,
+        "file_type": file_type,
+        "tensor_count": len(reader.tensors),
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,27 +50,33 @@ def quantize_gguf(
     *,
     threads: int | None = None,
     advance: Callable[[int], None] | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> None:
-    """Quantize ``src`` into ``dst`` with llama.cpp; a non-zero return is a ConversionError."""
+    """Quantize ``src`` into ``dst`` with llama.cpp, in a child process (an abort inside
+    llama.cpp becomes a NativeError); a non-zero return is a ConversionError."""
+    from ...isolate import run_isolated
+
+    args = {"src": str(src), "dst": str(dst), "ftype": int(QUANT_SCHEMES[scheme]),
+            "threads": threads or os.cpu_count() or 1}
+    rc = run_isolated("quantkit.formats.gguf.quantize:quantize_in_child", args,
+                      what=f"llama.cpp quantizing {src.name} to {scheme}", on_progress=advance)
+    if rc != 0 or not dst.is_file():
+        raise ConversionError(f"llama.cpp failed to quantize {src.name} to {scheme} (code {rc}); rerun with --debug for its log")
+
+
+def quantize_in_child(args: dict, reporter) -> int:
+    """The child's side of :func:`quantize_gguf`: one progress line per tensor llama.cpp logs."""
     import llama_cpp
-    from llama_cpp import _logger
 
     @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if advance and _TENSOR_LINE.search(text or b""):
-            advance(1)
-        if log and text:
-            log(text.decode("utf-8", "replace"))
+        if _TENSOR_LINE.search(text or b""):
+            reporter.progress(1)
+        if text:
+            sys.stderr.write(text.decode("utf-8", "replace"))
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(QUANT_SCHEMES[scheme])
-    params.nthread = threads or os.cpu_count() or 1
+    params.ftype = args["ftype"]
+    params.nthread = args["threads"]
     params.allow_requantize = True  # a quantized GGUF source may be re-quantized
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    if rc != 0 or not dst.is_file():
-        raise ConversionError(f"llama.cpp failed to quantize {src.name} to {scheme} (code {rc}); rerun with --debug for its log")
+    return int(llama_cpp.llama_model_quantize(args["src"].encode(), args["dst"].encode(), ctypes.byref(params)))

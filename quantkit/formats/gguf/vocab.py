@@ -69,6 +69,22 @@ class GGUFVocab:
             if self.scores is not None:
                 self.scores.append(-1000.0)
 
+    def validate(self, where: Path) -> None:
+        """What llama.cpp's vocabulary loader asserts (llama-vocab.cpp: unique token texts, a
+        BOS/EOS token when one is added, special ids in range), checked before anything is
+        written: a GGML_ASSERT there would abort the process that loads the file."""
+        seen: dict[str, int] = {}
+        for i, tok in enumerate(self.tokens):
+            if tok in seen:
+                raise TokenizerError(f"{where}: token {tok!r} appears twice (ids {seen[tok]} and {i}); llama.cpp needs unique token texts")
+            seen[tok] = i
+        for key, token_id in self.special_ids.items():
+            if not 0 <= token_id < len(self.tokens):
+                raise TokenizerError(f"{where}: {key} token id {token_id} is outside the vocabulary of {len(self.tokens)} tokens")
+        for flag, key in ((self.add_bos, "bos"), (self.add_eos, "eos")):
+            if flag and key not in self.special_ids:
+                raise TokenizerError(f"{where}: the tokenizer adds a {key.upper()} token but names none")
+
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
         writer.add_tokenizer_pre(self.pre)
@@ -111,6 +127,8 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> GGUFVocab:
     if vocab is None:
         if not tok_json:
             raise TokenizerError(f"{folder}: no tokenizer (tokenizer.json or a SentencePiece tokenizer.model)")
+        if tok_json.get("model", {}).get("type") == "Unigram":
+            raise TokenizerError(_unigram_refusal(folder))
         vocab = _vocab_from_tokenizer_json(tok_json)
     elif tok_json:
         # tokenizer.json is what transformers runs: its Metaspace/Prepend rule decides the
@@ -122,7 +140,29 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> GGUFVocab:
     if len(vocab.tokens) > vocab_size:
         raise TokenizerError(f"tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is {vocab_size}")
     vocab.pad_to(vocab_size)
+    vocab.validate(folder)
     return vocab
+
+
+def _unigram_refusal(folder: Path) -> str:
+    # llama.cpp's SentencePiece vocabulary merges pieces by score (BPE style); a Unigram model
+    # segments by best total score, so the GGUF would not tokenize like this checkpoint
+    spm = folder / "tokenizer.model"
+    if _is_gguf(spm):
+        return (f"{folder}: tokenizer.json is the Unigram model transformers builds from a GGUF vocabulary (tokenizer.model is "
+                f"that GGUF file, not SentencePiece), and llama.cpp would tokenize differently; convert the original "
+                f".gguf file instead (quantkit convert MODEL.gguf --to ...)")
+    note = " (tokenizer.model is not a SentencePiece model)" if spm.is_file() else ""
+    return (f"{folder}: tokenizer.json is a Unigram model{note}, which llama.cpp's SentencePiece vocabulary does not "
+            f"tokenize the same way; add the model's SentencePiece tokenizer.model")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _vocab_from_spm(path: Path, tok_json: dict[str, Any]) -> GGUFVocab | None:
@@ -159,10 +199,7 @@ def _vocab_from_spm(path: Path, tok_json: dict[str, Any]) -> GGUFVocab | None:
 def _ordered_vocab(tok_json: dict[str, Any]) -> tuple[list[str], dict[int, dict[str, Any]]]:
     model = tok_json["model"]
     by_id: dict[int, str] = {}
-    if model["type"] == "Unigram":
-        by_id = {i: piece for i, (piece, _score) in enumerate(model["vocab"])}
-    else:
-        by_id = {i: tok for tok, i in model["vocab"].items()}
+    by_id = {i: tok for tok, i in model["vocab"].items()}
     added = {t["id"]: t for t in tok_json.get("added_tokens", [])}
     for i, tok in added.items():
         by_id[i] = tok["content"]
@@ -182,7 +219,7 @@ def _uses(component: dict[str, Any] | None, type_name: str) -> bool:
 def _vocab_from_tokenizer_json(tok_json: dict[str, Any]) -> GGUFVocab:
     model = tok_json.get("model", {})
     kind = model.get("type")
-    if kind not in ("BPE", "Unigram"):
+    if kind != "BPE":
         raise TokenizerError(f"tokenizer model type {kind!r} cannot be written to GGUF (BPE or SentencePiece only)")
     tokens, added = _ordered_vocab(tok_json)
     types = []
@@ -199,7 +236,7 @@ def _vocab_from_tokenizer_json(tok_json: dict[str, Any]) -> GGUFVocab:
         pre = identify_pre_tokenizer(tok_json.get("pre_tokenizer"))
         return GGUFVocab("gpt2", tokens, types, merges=merges, pre=pre)
     # SentencePiece-style: '▁' marks spaces, unknown bytes fall back to <0xNN> tokens
-    unk = model.get("unk_id") if kind == "Unigram" else model.get("vocab", {}).get(model.get("unk_token") or "")
+    unk = model.get("vocab", {}).get(model.get("unk_token") or "")
     for i, tok in enumerate(tokens):
         if i in added:
             continue
@@ -207,10 +244,7 @@ def _vocab_from_tokenizer_json(tok_json: dict[str, Any]) -> GGUFVocab:
             types[i] = T.BYTE
         elif i == unk:
             types[i] = T.UNKNOWN
-    if kind == "Unigram":
-        scores = [float(s) for _p, s in model["vocab"]] + [-1000.0] * (len(tokens) - len(model["vocab"]))
-    else:
-        scores = _scores_from_merges(tokens, model.get("merges", []))
+    scores = _scores_from_merges(tokens, model.get("merges", []))
     for i in added:
         scores[i] = -1000.0
     return GGUFVocab("llama", tokens, types, scores=scores, add_space_prefix=_prepends_space(tok_json))

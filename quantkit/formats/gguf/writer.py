@@ -19,10 +19,9 @@ import numpy as np
 from ...errors import SourceError, UnsupportedArchitectureError
 from ...source import Source
 from .arch import HParams, arch_for_config, extra_tensors, transform_tensor, write_hparams
-from .header import read_header
 from .vocab import load_vocab
 
-__all__ = ["FLOAT_TYPES", "write_float_gguf", "read_gguf_summary"]
+__all__ = ["FLOAT_TYPES", "write_float_gguf"]
 
 Q = gguf.GGMLQuantizationType
 # output name -> (tensor type for 2-D weights, llama.cpp file type)
@@ -122,25 +121,3 @@ def write_float_gguf(
 
 def tensor_count(source: Source) -> int:
     return sum(1 for n in source.tensors if not _SKIP.search(n)) + len(extra_tensors(source.config))
-
-
-def read_gguf_summary(path: Path) -> dict:
-    """Validate a GGUF file (magic, header, tensor data within the file) and summarise it."""
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise SourceError(f"{path}: not a GGUF file (bad magic {magic!r})")
-    try:
-        reader = read_header(path)
-    except Exception as exc:  # ValueError/struct.error on damage
-        raise SourceError(f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from exc
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise SourceError(f"{path}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
-    file_type = reader.fields.get("general.file_type")
-    return {
-        "gguf_architecture": reader.fields.get("general.architecture"),
-        "file_type": int(file_type) if file_type is not None else None,
-        "tensor_count": len(reader.tensors),
-    }

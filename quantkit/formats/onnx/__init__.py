@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...artifact import Artifact, atomic_dir, write_manifest
+from ...artifact import Artifact, atomic_dir, work_dir, write_manifest
 from ...errors import InputError, RecipeError
 from ...progress import Progress
 from ...recipe import Recipe
@@ -128,7 +127,7 @@ class OnnxFormat(Format):
         artifacts = []
         exports: dict[tuple, Path] = {}  # one float32 export per (exporter, shapes, opset)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".quantkit-onnx-", dir=out_dir) as work:
+        with work_dir(out_dir, "quantkit-onnx") as work:
             for recipe in recipes:
                 opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
                 static = opts["static_shapes"]
