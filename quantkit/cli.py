@@ -16,12 +16,12 @@ from .errors import QuantkitError
 __all__ = ["cli", "main"]
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+def _split(ctx, param, values):
+    """Options that take several values accept them repeated or comma-separated, never keep only the last."""
+    if values is None:
+        return values
+    items = [v.strip() for value in ((values,) if isinstance(values, str) else values) for v in value.split(",")]
+    return tuple(v for v in items if v)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,12 +31,15 @@ def _human_bytes(n: int) -> str:
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Convert open-weight LLMs to GGUF, GPTQ and ONNX; profile them; gate releases."""
+    from .log import configure_cli
+
+    configure_cli(debug)  # library chatter to quantkit's log, before any library is imported
     ctx.obj = {"debug": debug, "quiet": quiet}
 
 
 @cli.command()
 @click.argument("source", required=False)
-@click.option("--to", "recipes", multiple=True, metavar="RECIPE", help="Output recipe, e.g. gguf:q4_k_m (repeatable). Default: gguf:q4_k_m.")
+@click.option("--to", "recipes", multiple=True, callback=_split, metavar="RECIPE", help="Output recipe, e.g. gguf:q4_k_m (repeatable or comma-separated). Default: gguf:q4_k_m.")
 @click.option("-o", "--out", "out_dir", default="quantkit-out", show_default=True, help="Folder for the artifacts.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check tokenization and logits of each output against the source.")
 @click.option("--verify-text", "verify_files", multiple=True, type=click.Path(), help="Text file(s) for verification (default: quantkit's own en/zh texts).")
@@ -82,14 +85,16 @@ def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, t
         result, verdict = run_convert(source, recipes or DEFAULT_RECIPES, out_dir, **options), None
     count, freed = result.stale_removed
     if count:
-        click.echo(f"removed {count} unfinished output(s) left by killed runs in {out_dir} ({_human_bytes(freed)} freed)", err=True)
+        click.echo(f"removed {count} unfinished output(s) left by killed runs in {out_dir} ({freed / 1e6:.1f} MB freed)", err=True)
     if as_json:
         out = result.to_dict()
         if verdict is not None:
             out["gate"] = verdict.to_dict()
         click.echo(json.dumps(out, indent=2))
     else:
-        _render_convert(result)
+        from .report.render import convert_table
+
+        convert_table(result)
         if verdict is not None:
             from .report.render import gate_table
 
@@ -120,38 +125,16 @@ def gate(ctx, reports, policy, baselines, html_path, markdown_path, as_json):
         ctx.exit(1)
 
 
-def _render_convert(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"quantkit convert: {result.source['id']}")
-    for col in ("recipe", "file", "size", "tokenization", "vs source"):
-        table.add_column(col, justify="right" if col == "size" else "left")
-    for a in result.artifacts:
-        v = a.manifest["details"].get("verification") or {}
-        tok = ", ".join(f"{k} {d['tokens']} ok" for k, d in v.get("tokenization", {}).items()) or "-"
-        if "kld_mean" in v:
-            quality = f"KLD {v['kld_mean']:.2e}, top-1 {v['top1_agreement']:.3f}"
-        elif "cosine_mean" in v:
-            quality = f"cosine {v['cosine_mean']:.5f} (min {v['cosine_min']:.5f})"
-        else:
-            quality = "-"
-        table.add_row(a.recipe, str(a.main_file), _human_bytes(a.file_bytes), tok, quality)
-    console = Console()
-    console.print(table)
-    console.print(f"done in {result.elapsed_s:.1f} s, peak RSS {_human_bytes(result.peak_rss_bytes)}")
-
-
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--reference", default=None, help="HF checkpoint to compare against (default: the artifact's recorded source).")
-@click.option("--eval-data", default="en,zh,code", show_default=True, help="Comma-separated domains (en, zh, code), files, or wikitext-2-raw-v1.")
+@click.option("--eval-data", multiple=True, callback=_split, default=("en", "zh", "code"), show_default=True, help="Domains (en, zh, code), text files, or wikitext-2-raw-v1; repeatable or comma-separated.")
 @click.option("--ctx", "ctx_len", type=click.IntRange(16), default=512, show_default=True, help="Window length in tokens; the second half of each is scored.")
 @click.option("--chunks", type=click.IntRange(1), default=None, help="At most N windows per domain.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads (default: all cores).")
 @click.option("--no-latency", is_flag=True, help="Skip the latency/memory subprocess.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the JSON report here.")
-@click.option("--profile", "profiles", multiple=True, metavar="NAME|FILE", help="Hardware profile to estimate for (repeatable; 'host' is this machine). See: quantkit profiles list.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the JSON report here ('-': print it on stdout instead of the tables).")
+@click.option("--profile", "profiles", multiple=True, callback=_split, metavar="NAME|FILE", help="Hardware profile to estimate for (repeatable or comma-separated; 'host' is this machine). See: quantkit profiles list.")
 @click.option("--calibrate-from", type=click.Path(), default=None, help="Take host efficiencies from another report (made with --profile host) instead of this artifact's run.")
 @click.option("--no-check", is_flag=True, help="Skip the sha256 check of the artifact's files against its manifest (sizes are still checked).")
 @click.pass_context
@@ -162,11 +145,14 @@ def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_la
     from .report.render import profile_table, targets_table, write_json
 
     report = run_profile(
-        artifact, reference=reference, eval_data=[s for s in eval_data.split(",") if s],
+        artifact, reference=reference, eval_data=list(eval_data),
         ctx=ctx_len, chunks=chunks, threads=threads, latency=not no_latency,
         progress=Progress(False if ctx.obj["quiet"] else None), profiles=list(profiles),
         calibrate_from=calibrate_from, check=not no_check,
     )
+    if json_path == "-":
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
     if json_path:
         write_json(report, json_path)
     profile_table(report)
@@ -205,12 +191,17 @@ def profiles() -> None:
 
 
 @profiles.command("list")
-def profiles_list() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def profiles_list(as_json: bool) -> None:
     """List the known profiles."""
     from .api import list_profiles
     from .report.render import profiles_table
 
-    profiles_table(list_profiles())
+    rows = list_profiles()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        profiles_table(rows)
 
 
 @profiles.command("show")

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from ..artifact import atomic_file
+from .tables import ID, NUM, TEXT, console, print_table
 
-__all__ = ["write_json", "profile_table"]
+__all__ = ["write_json", "write_text", "profile_table", "convert_table", "targets_table", "profiles_table", "gate_table", "plan_table"]
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -25,60 +26,70 @@ def _mb(n: float) -> str:
 
 
 def profile_table(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
+    out = console()
     q = report.get("quality")
     if q and "cosine_mean" in q:
-        t = Table(title="embedding quality vs reference (measured, cosine similarity of pooled embeddings)")
-        for col in ("domain", "passages", "cosine_mean", "cosine_min"):
-            t.add_column(col, justify="left" if col == "domain" else "right")
-        for name, d in [*q["domains"].items(), ("overall", q)]:
-            t.add_row(name, str(d["passages"]), f"{d['cosine_mean']:.5f}", f"{d['cosine_min']:.5f}")
-        console.print(t)
+        print_table("embedding quality vs reference (measured, cosine similarity of pooled embeddings)",
+                    [("domain", ID), ("passages", NUM), ("cosine_mean", NUM), ("cosine_min", NUM)],
+                    [[name, str(d["passages"]), f"{d['cosine_mean']:.5f}", f"{d['cosine_min']:.5f}"]
+                     for name, d in [*q["domains"].items(), ("overall", q)]], out)
     elif q:
-        t = Table(title=f"quality vs reference (measured, ctx {report['settings']['ctx']}, second half scored)")
-        for col in ("domain", "tokens", "kld_mean", "kld_p99", "kld_max", "top1", "ppl", "ppl_ref", "Δppl %"):
-            t.add_column(col, justify="left" if col == "domain" else "right")
-        for name, d in [*q["domains"].items(), ("overall", q)]:
-            t.add_row(name, str(d["tokens"]), f"{d['kld_mean']:.4f}", f"{d['kld_p99']:.4f}", f"{d['kld_max']:.3f}",
-                      f"{d['top1_agreement']:.3f}", f"{d['ppl']:.2f}", f"{d['ppl_reference']:.2f}", f"{d['ppl_delta_pct']:+.2f}")
-        console.print(t)
+        print_table(f"quality vs reference (measured, ctx {report['settings']['ctx']}, second half scored)",
+                    [("domain", ID)] + [(c, NUM) for c in ("tokens", "kld_mean", "kld_p99", "kld_max", "top1", "ppl", "ppl_ref", "Δppl %")],
+                    [[name, str(d["tokens"]), f"{d['kld_mean']:.4f}", f"{d['kld_p99']:.4f}", f"{d['kld_max']:.3f}",
+                      f"{d['top1_agreement']:.3f}", f"{d['ppl']:.2f}", f"{d['ppl_reference']:.2f}", f"{d['ppl_delta_pct']:+.2f}"]
+                     for name, d in [*q["domains"].items(), ("overall", q)]], out)
     lat = report.get("latency")
     if lat and "encode_s" in lat:
-        t = Table(title=f"latency (measured, {lat['threads']} threads, {lat['texts']} passages one at a time, median (min–max) of {lat['repeats']})")
-        t.add_column("metric")
-        t.add_column("value", justify="right")
-        for key, unit in (("encode_texts_per_s", "passages/s"), ("encode_tokens_per_s", "tok/s")):
-            s = lat[key]
-            t.add_row(key, f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) {unit}")
-        console.print(t)
+        rows = [[key, f"{lat[key]['median']:.1f} ({lat[key]['min']:.1f}–{lat[key]['max']:.1f}) {unit}"]
+                for key, unit in (("encode_texts_per_s", "passages/s"), ("encode_tokens_per_s", "tok/s"))]
+        print_table(f"latency (measured, {lat['threads']} threads, {lat['texts']} passages one at a time, median (min–max) of {lat['repeats']})",
+                    [("metric", ID), ("value", NUM)], rows, out)
     elif lat:
-        t = Table(title=f"latency (measured, {lat['threads']} threads, median (min–max) of {lat['repeats']})")
-        t.add_column("metric")
-        t.add_column("value", justify="right")
-        for key, unit in (("ttft_s", "s"), ("prefill_tokens_per_s", "tok/s"), ("decode_tokens_per_s", "tok/s")):
-            s = lat[key]
-            t.add_row(f"{key} ({lat['prompt_tokens']}-token prompt)" if key != "decode_tokens_per_s" else key,
-                      f"{s['median']:.3f} ({s['min']:.3f}–{s['max']:.3f}) {unit}")
-        console.print(t)
+        rows = [[f"{key} ({lat['prompt_tokens']}-token prompt)" if key != "decode_tokens_per_s" else key,
+                 f"{lat[key]['median']:.3f} ({lat[key]['min']:.3f}–{lat[key]['max']:.3f}) {unit}"]
+                for key, unit in (("ttft_s", "s"), ("prefill_tokens_per_s", "tok/s"), ("decode_tokens_per_s", "tok/s"))]
+        print_table(f"latency (measured, {lat['threads']} threads, median (min–max) of {lat['repeats']})",
+                    [("metric", ID), ("value", NUM)], rows, out)
     m, h = report["memory"], report["host"]
-    t = Table(title="memory and host")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_column("kind")
-    t.add_row("file_bytes", _mb(m["file_bytes"]), "measured")
+    rows = [["file_bytes", _mb(m["file_bytes"]), "measured"]]
     if "peak_rss_bytes" in m:
-        t.add_row("peak_rss_bytes", _mb(m["peak_rss_bytes"]), "measured")
-        t.add_row("predicted_peak_bytes", f"{_mb(m['predicted_peak_bytes'])} ({m['predicted_error_pct']:+.1f}%)", "estimated")
-    t.add_row("kv_cache_bytes_per_token", f"{m['kv_cache_bytes_per_token']:,}", "estimated")
-    t.add_row("memory bandwidth", f"{h['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s", "measured")
+        rows.append(["peak_rss_bytes", _mb(m["peak_rss_bytes"]), "measured"])
+        rows.append(["predicted_peak_bytes", f"{_mb(m['predicted_peak_bytes'])} ({m['predicted_error_pct']:+.1f}%)", "estimated"])
+    rows.append(["kv_cache_bytes_per_token", f"{m['kv_cache_bytes_per_token']:,}", "estimated"])
+    rows.append(["memory bandwidth", f"{h['memory_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s", "measured"])
     if "decode_roofline_tokens_per_s" in h:
-        t.add_row("decode_roofline_tokens_per_s", f"{h['decode_roofline_tokens_per_s']:.1f}", "estimated")
+        rows.append(["decode_roofline_tokens_per_s", f"{h['decode_roofline_tokens_per_s']:.1f}", "estimated"])
     if "decode_roofline_fraction" in h:
-        t.add_row("decode_roofline_fraction", f"{h['decode_roofline_fraction']:.2f}", "measured/estimated")
-    console.print(t)
+        rows.append(["decode_roofline_fraction", f"{h['decode_roofline_fraction']:.2f}", "measured/estimated"])
+    print_table("memory and host", [("metric", ID), ("value", NUM), ("kind", ID)], rows, out)
+
+
+def convert_table(result) -> None:
+    """The artifacts a conversion wrote: recipe, the file to load (whole path), size, verification."""
+    out = console()
+    rows = []
+    for a in result.artifacts:
+        v = a.manifest["details"].get("verification") or {}
+        tok = ", ".join(f"{k} {d['tokens']} ok" for k, d in v.get("tokenization", {}).items()) or "-"
+        if "kld_mean" in v:
+            quality = f"KLD {v['kld_mean']:.2e}, top-1 {v['top1_agreement']:.3f}"
+        elif "cosine_mean" in v:
+            quality = f"cosine {v['cosine_mean']:.5f} (min {v['cosine_min']:.5f})"
+        else:
+            quality = "-"
+        rows.append([a.recipe, str(a.main_file), _size(a.file_bytes), tok, quality])
+    print_table(f"quantkit convert: {result.source['id']}",
+                [("recipe", ID), ("file", ID), ("size", NUM), ("tokenization", TEXT), ("vs source", TEXT)], rows, out)
+    out.print(f"done in {result.elapsed_s:.1f} s, peak RSS {_size(result.peak_rss_bytes)}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
 
 
 def _rate(x: float | None) -> str:
@@ -88,88 +99,74 @@ def _rate(x: float | None) -> str:
 def targets_table(report: dict) -> None:
     """Fits / compatible / estimated speed per hardware profile (measured where the host ran it),
     then each target's reasons, runtime and compiler command."""
-    from rich.console import Console
-    from rich.table import Table
-
     targets = report.get("targets")
     if not targets:
         return
     eff = targets[0]["efficiency"]
-    t = Table(title=f"hardware profiles (estimated, ctx {targets[0]['ctx']}; host efficiency decode "
-                    f"{eff['decode']:.2f}, prefill {eff['prefill']:.2f})")
-    for col in ("profile", "fits", "max ctx", "memory", "compatible", "decode tok/s", "prefill tok/s"):
-        t.add_column(col, justify="right" if col in ("max ctx", "decode tok/s", "prefill tok/s") else "left")
+    rows = []
     for e in targets:
         decode, prefill = _rate(e.get("decode_tokens_per_s")), _rate(e.get("prefill_tokens_per_s"))
         if "measured" in e:
             m, err = e["measured"], e["estimate_error_pct"]
             decode += f" (measured {_rate(m['decode_tokens_per_s'])}, {err['decode_tokens_per_s']:+.0f}%)"
             prefill += f" (measured {_rate(m['prefill_tokens_per_s'])}, {err['prefill_tokens_per_s']:+.0f}%)"
-        t.add_row(e["name"], "yes" if e["fits"] else "NO", f"{e['max_ctx']:,}",
-                  f"{e['needed_bytes'] / 1e9:.2f} / {e['usable_bytes'] / 1e9:.1f} GB",
-                  "yes" if e["compatible"] else "NO", decode, prefill)
-    console = Console()
-    console.print(t)
+        rows.append([e["name"], "yes" if e["fits"] else "NO", f"{e['max_ctx']:,}",
+                     f"{e['needed_bytes'] / 1e9:.2f} / {e['usable_bytes'] / 1e9:.1f} GB",
+                     "yes" if e["compatible"] else "NO", decode, prefill])
+    out = console()
+    print_table(f"hardware profiles (estimated, ctx {targets[0]['ctx']}; host efficiency decode "
+                f"{eff['decode']:.2f}, prefill {eff['prefill']:.2f})",
+                [("profile", ID), ("fits", ID), ("max ctx", NUM), ("memory", NUM), ("compatible", ID),
+                 ("decode tok/s", NUM), ("prefill tok/s", NUM)], rows, out)
     for e in targets:
         if e["compatible"]:
-            console.print(f"[bold]{e['name']}[/bold]: runs with {e.get('runtime', '?')}", highlight=False)
+            out.print(f"[bold]{e['name']}[/bold]: runs with {e.get('runtime', '?')}", highlight=False, soft_wrap=True)
             if "runtime_note" in e:
-                console.print(f"  note: {e['runtime_note']}", highlight=False, soft_wrap=True)
+                out.print(f"  note: {e['runtime_note']}", highlight=False, soft_wrap=True)
             if "compile_command" in e:
-                console.print(f"  compile: {e['compile_command']}", highlight=False, soft_wrap=True)
+                out.print(f"  compile: {e['compile_command']}", highlight=False, soft_wrap=True)
         else:
-            console.print(f"[bold]{e['name']}[/bold]: incompatible", highlight=False)
+            out.print(f"[bold]{e['name']}[/bold]: incompatible", highlight=False)
             for reason in e["reasons"]:
-                console.print(f"  - {reason}", highlight=False, soft_wrap=True)
+                out.print(f"  - {reason}", highlight=False, soft_wrap=True)
             if e.get("compatible_recipes"):
-                console.print(f"  compatible instead: {', '.join(e['compatible_recipes'])}", highlight=False, soft_wrap=True)
+                out.print(f"  compatible instead: {', '.join(e['compatible_recipes'])}", highlight=False, soft_wrap=True)
 
 
 def profiles_table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="hardware profiles")
-    for col in ("name", "kind", "memory", "bandwidth", "runtimes", "description"):
-        t.add_column(col)
+    table = []
     for r in rows:
         memory = f"{r['memory_bytes'] / 2**30:.0f} GiB" if "memory_bytes" in r else "measured"
         bandwidth = f"{r['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s" if "bandwidth_bytes_per_s" in r else "measured"
-        t.add_row(r["name"], r["kind"], memory, bandwidth, ", ".join(r.get("runtimes", [])), r["description"])
-    Console().print(t)
+        table.append([r["name"], r["kind"], memory, bandwidth, ", ".join(r.get("runtimes", [])) or "-", r["description"]])
+    print_table("hardware profiles", [("name", ID), ("kind", ID), ("memory", NUM), ("bandwidth", NUM),
+                                      ("runtimes", TEXT), ("description", TEXT)], table)
 
 
 def gate_table(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"quantkit gate: {'PASS' if result.passed else 'FAIL'}")
-    for col in ("artifact", "rule", "value", "limit", "verdict", "kind"):
-        t.add_column(col)
+    rows = []
     for r in result.results:
         value = r.value if isinstance(r.value, bool) else f"{r.value:.4g}"
-        t.add_row(r.artifact, r.rule, str(value), r.limit, "pass" if r.passed else "[bold red]FAIL[/bold red]", r.kind)
-    Console().print(t)
+        rows.append([r.artifact, r.rule, str(value), r.limit, "pass" if r.passed else "[bold red]FAIL[/bold red]", r.kind])
+    print_table(f"quantkit gate: {'PASS' if result.passed else 'FAIL'}",
+                [("artifact", ID), ("rule", ID), ("value", NUM), ("limit", NUM), ("verdict", ID), ("kind", ID)], rows)
 
 
 def plan_table(result: dict, out_dir) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"quantkit plan for {result['profile']} (max kld_mean {result['max_kld']}, ctx {result['ctx']})")
-    for col in ("recipe", "est. memory", "est. decode tok/s", "kld_mean", "status"):
-        t.add_column(col, justify="right" if col in ("est. memory", "est. decode tok/s", "kld_mean") else "left")
+    rows = []
     for r in result["candidates"]:
         decode = r.get("decode_tokens_per_s") or r.get("estimated_decode_tokens_per_s")
-        t.add_row(r["recipe"], _mb(r["estimated_bytes"]), "-" if decode is None else f"{decode:.1f}",
-                  "-" if "kld_mean" not in r else f"{r['kld_mean']:.4f}", r["status"])
-    console = Console()
-    console.print(t)
-    console.print(f"Pareto front (size against KLD) of the profiled: {', '.join(result['pareto_front']) or '-'}")
+        rows.append([r["recipe"], _mb(r["estimated_bytes"]), "-" if decode is None else f"{decode:.1f}",
+                     "-" if "kld_mean" not in r else f"{r['kld_mean']:.4f}", r["status"]])
+    out = console()
+    print_table(f"quantkit plan for {result['profile']} (max kld_mean {result['max_kld']}, ctx {result['ctx']})",
+                [("recipe", ID), ("est. memory", NUM), ("est. decode tok/s", NUM), ("kld_mean", NUM), ("status", TEXT)],
+                rows, out)
+    out.print(f"Pareto front (size against KLD) of the profiled: {', '.join(result['pareto_front']) or '-'}", soft_wrap=True)
     rec = result["recommendation"]
     if rec:
-        console.print(f"[bold]recommendation: {rec['recipe']}[/bold]: kld_mean {rec['kld_mean']:.4f}, "
+        out.print(f"[bold]recommendation: {rec['recipe']}[/bold]: kld_mean {rec['kld_mean']:.4f}, "
                       f"{rec['file_bytes'] / 1e6:.1f} MB, estimated {rec['decode_tokens_per_s']:.1f} tok/s on {result['profile']}\n"
-                      f"  artifact {rec['artifact']}\n  report {rec['report']}\n  plots {out_dir}/plan.html", highlight=False)
+                      f"  artifact {rec['artifact']}\n  report {rec['report']}\n  plots {out_dir}/plan.html", soft_wrap=True)
     else:
-        console.print("no candidate meets the bounds; relax --max-kld or --min-decode-tps", highlight=False)
+        out.print("no candidate meets the bounds; relax --max-kld or --min-decode-tps", highlight=False)

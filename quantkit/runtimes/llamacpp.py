@@ -62,6 +62,10 @@ class LlamaCppRuntime:
         # its load-time notices are not for our users
         check_loads(Path(path), n_ctx=n_ctx, threads=threads, logits_all=logits_all)
         verbose = in_child()
+        if not verbose:
+            from ..log import route_llama_cpp
+
+            route_llama_cpp()
         _logger.set_verbose(verbose)
         try:
             self._llm = llama_cpp.Llama(

@@ -23,6 +23,7 @@ from typing import Any
 import gguf
 
 from ...errors import TokenizerError
+from ...log import logger
 
 __all__ = ["GGUFVocab", "load_vocab", "identify_pre_tokenizer", "PRE_TOKENIZERS"]
 
@@ -129,6 +130,10 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> GGUFVocab:
             raise TokenizerError(f"{folder}: no tokenizer (tokenizer.json or a SentencePiece tokenizer.model)")
         if tok_json.get("model", {}).get("type") == "Unigram":
             raise TokenizerError(_unigram_refusal(folder))
+        spm = folder / "tokenizer.model"
+        if spm.is_file():
+            what = "a GGUF file" if _is_gguf(spm) else "not a SentencePiece model"
+            logger.warning(f"{spm} is {what}; the vocabulary is read from tokenizer.json")
         vocab = _vocab_from_tokenizer_json(tok_json)
     elif tok_json:
         # tokenizer.json is what transformers runs: its Metaspace/Prepend rule decides the

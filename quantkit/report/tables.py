@@ -1,0 +1,61 @@
+"""Terminal tables that never cut what a person copies next.
+
+Columns are of three kinds: ``ID`` (profile names, recipes, paths, file names: always shown
+whole, never wrapped), ``NUM`` (figures: whole, right-aligned) and ``TEXT`` (descriptions,
+reasons: folded onto more lines). When the whole columns leave too little room for the text
+(a narrow terminal: rich's width is $COLUMNS, 80 without a terminal), the same rows are printed
+as a list of ``field: value`` lines instead. Titles are printed as plain lines, unwrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["ID", "NUM", "TEXT", "print_table", "console"]
+
+ID, NUM, TEXT = "id", "num", "text"
+_TEXT_MIN = 14  # the least width a folded text column is given before the list layout is used
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _width(cell: str) -> int:
+    from rich.text import Text
+
+    return max((Text.from_markup(line).cell_len for line in cell.splitlines() or [""]), default=0)
+
+
+def print_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], out=None) -> None:
+    """Print ``rows`` under ``columns`` ((header, kind) pairs) with ``title`` above them."""
+    from rich.table import Table
+
+    out = out or console()
+    widths = [max([_width(name)] + [_width(row[i]) for row in rows]) for i, (name, _) in enumerate(columns)]
+    whole = sum(w for w, (_, kind) in zip(widths, columns, strict=True) if kind != TEXT)
+    texts = [w for w, (_, kind) in zip(widths, columns, strict=True) if kind == TEXT]
+    needed = whole + sum(min(w, _TEXT_MIN) for w in texts) + 3 * len(columns) + 1
+    out.print(title, soft_wrap=True)
+    if needed > out.width:
+        _print_list(columns, rows, out)
+        return
+    table = Table(show_header=True)
+    for (name, kind), width in zip(columns, widths, strict=True):
+        if kind == TEXT:
+            table.add_column(name, overflow="fold")
+        else:
+            table.add_column(name, no_wrap=True, min_width=width, justify="right" if kind == NUM else "left")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _print_list(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], out) -> None:
+    for row in rows:
+        first, *rest = zip(columns, row, strict=True)
+        out.print(f"- {first[0][0]}: {first[1]}", soft_wrap=True)
+        for (name, _), value in rest:
+            out.print(f"  {name}: {value}", soft_wrap=True)
