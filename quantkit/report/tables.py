@@ -4,7 +4,8 @@ Columns are of three kinds: ``ID`` (profile names, recipes, paths, file names: a
 whole, never wrapped), ``NUM`` (figures: whole, right-aligned) and ``TEXT`` (descriptions,
 reasons: folded onto more lines). When the whole columns leave too little room for the text
 (a narrow terminal: rich's width is $COLUMNS, 80 without a terminal), the same rows are printed
-as a list of ``field: value`` lines instead. Titles are printed as plain lines, unwrapped.
+in a compact table without borders, or, when even that does not fit, as a list of
+``field: value`` lines. Titles are printed as plain lines, unwrapped.
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ def print_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[S
     widths = [max([_width(name)] + [_width(row[i]) for row in rows]) for i, (name, _) in enumerate(columns)]
     whole = sum(w for w, (_, kind) in zip(widths, columns, strict=True) if kind != TEXT)
     texts = [w for w, (_, kind) in zip(widths, columns, strict=True) if kind == TEXT]
-    needed = whole + sum(min(w, _TEXT_MIN) for w in texts) + 3 * len(columns) + 1
+    content = whole + sum(min(w, _TEXT_MIN) for w in texts)
     out.print(title, soft_wrap=True)
-    if needed > out.width:
+    if content + 3 * len(columns) + 1 <= out.width:  # boxed: "│ " + cell + " " per column, one edge
+        table = Table(show_header=True)
+    elif content + 2 * len(columns) - 1 <= out.width:  # compact: no edges, one space between columns
+        from rich import box
+
+        table = Table(show_header=True, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), pad_edge=False)
+    else:
         _print_list(columns, rows, out)
         return
-    table = Table(show_header=True)
     for (name, kind), width in zip(columns, widths, strict=True):
         if kind == TEXT:
             table.add_column(name, overflow="fold")
