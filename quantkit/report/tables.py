@@ -37,8 +37,10 @@ def print_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[S
     out = out or console()
     widths = [max([_width(name)] + [_width(row[i]) for row in rows]) for i, (name, _) in enumerate(columns)]
     whole = sum(w for w, (_, kind) in zip(widths, columns, strict=True) if kind != TEXT)
-    texts = [w for w, (_, kind) in zip(widths, columns, strict=True) if kind == TEXT]
-    content = whole + sum(min(w, _TEXT_MIN) for w in texts)
+    # a folded text column is at least as wide as its longest word: words are never split
+    words = [max([_TEXT_MIN] + [_width(word) for row in rows for word in row[i].split()]) if kind == TEXT else 0
+             for i, (_, kind) in enumerate(columns)]
+    content = whole + sum(min(w, m) for w, m, (_, kind) in zip(widths, words, columns, strict=True) if kind == TEXT)
     out.print(title, soft_wrap=True)
     if content + 3 * len(columns) + 1 <= out.width:  # boxed: "│ " + cell + " " per column, one edge
         table = Table(show_header=True)
@@ -49,9 +51,9 @@ def print_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[S
     else:
         _print_list(columns, rows, out)
         return
-    for (name, kind), width in zip(columns, widths, strict=True):
+    for (name, kind), width, word in zip(columns, widths, words, strict=True):
         if kind == TEXT:
-            table.add_column(name, overflow="fold")
+            table.add_column(name, overflow="fold", min_width=min(width, word))
         else:
             table.add_column(name, no_wrap=True, min_width=width, justify="right" if kind == NUM else "left")
     for row in rows:
