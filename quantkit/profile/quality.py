@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
+from . import stats
 from .reference import ReferenceScores, log_softmax, score_start
 
 __all__ = ["kl_divergence", "top1_agreement", "kld_from_topk", "summarize", "score_artifact_window"]
@@ -53,20 +55,39 @@ def score_artifact_window(logits: np.ndarray, window: list[int], ref: ReferenceS
     }
 
 
-def summarize(parts: list[dict[str, np.ndarray]]) -> dict[str, float | int]:
-    """Aggregate per-position arrays into the report's quality keys."""
+def summarize(parts: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Aggregate per-position arrays (one dict per window) into the report's quality keys, each
+    statistic with its 95 % interval (``intervals``; methods in :mod:`quantkit.profile.stats`)."""
     kld = np.concatenate([p["kld"] for p in parts])
     nll = np.concatenate([p["nll"] for p in parts])
     ref_nll = np.concatenate([p["ref_nll"] for p in parts])
     top1 = np.concatenate([p["top1"] for p in parts])
     ppl, ppl_ref = math.exp(float(nll.mean())), math.exp(float(ref_nll.mean()))
+    kld_mean, kld_se = stats.mean_stderr(kld)
+    ratio, _log_se, ratio_interval = stats.log_ratio_interval(nll - ref_nll)
     return {
         "tokens": int(kld.size),
-        "kld_mean": float(kld.mean()),
+        "windows": len(parts),
+        "kld_mean": kld_mean,
+        "kld_mean_stderr": kld_se,
         "kld_p99": float(np.percentile(kld, 99)),
         "kld_max": float(kld.max()),
         "top1_agreement": float(top1.mean()),
         "ppl": ppl,
         "ppl_reference": ppl_ref,
+        "ppl_ratio": ratio,
         "ppl_delta_pct": 100.0 * (ppl - ppl_ref) / ppl_ref,
+        "intervals": {
+            "kld_mean": stats.normal_interval(kld_mean, kld_se),
+            "kld_p99": stats.bootstrap_percentile([p["kld"] for p in parts], 99),
+            "top1_agreement": stats.wilson_interval(float(top1.sum()), int(top1.size)),
+            "ppl_ratio": ratio_interval,
+            "ppl_delta_pct": [100.0 * (r - 1.0) for r in ratio_interval],
+        },
+        # per-window series: a later report that scored the same windows is compared pairwise
+        "window_stats": {
+            "kld_mean": [float(p["kld"].mean()) for p in parts],
+            "top1_agreement": [float(p["top1"].mean()) for p in parts],
+            "log_ppl_ratio": [float((p["nll"] - p["ref_nll"]).mean()) for p in parts],
+        },
     }

@@ -6,9 +6,12 @@ scores windows, generates and describes its sizes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..artifact import MANIFEST_NAME, check_artifact, read_manifest, tool_versions
 from ..errors import ArtifactError, InputError, SourceError
@@ -19,6 +22,7 @@ from .memory import kv_cache_bytes_per_token, predicted_terms
 from .quality import score_artifact_window, summarize
 from .reference import reference_scores
 from .roofline import host_info
+from .stats import METHODS
 
 __all__ = ["profile_artifact", "locate_artifact", "make_windows"]
 
@@ -211,8 +215,18 @@ def _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_di
                     offset += len(part["kld"])
                     parts.append(part)
                     advance(1)
-            per_domain[domain] = summarize(parts)
+            per_domain[domain] = {**summarize(parts), "windows_sha256": _windows_digest(windows)}
             all_parts += parts
     finally:
         runtime.close()
-    return {**summarize(all_parts), "domains": per_domain, "measured": True}
+    overall = hashlib.sha256("".join(d["windows_sha256"] for d in per_domain.values()).encode()).hexdigest()
+    return {**summarize(all_parts), "windows_sha256": overall, "domains": per_domain, "measured": True,
+            "interval_methods": dict(METHODS)}
+
+
+def _windows_digest(windows: list[list[int]]) -> str:
+    """Identifies the scored windows: two reports with the same digest scored the same tokens."""
+    digest = hashlib.sha256()
+    for window in windows:
+        digest.update(np.asarray(window, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()

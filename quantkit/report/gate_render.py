@@ -48,18 +48,24 @@ def _fmt(value: Any) -> str:
 
 def render_markdown(result: GateResult) -> str:
     verdict = "✅ **PASS**" if result.passed else f"❌ **FAIL** ({len(result.failed)} rule{'s' if len(result.failed) != 1 else ''})"
-    lines = [f"## quantkit gate: {verdict}", "", "| artifact | rule | value | limit | verdict | kind |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"## quantkit gate: {verdict}", "", "| artifact | rule | value (95 % interval) | limit | verdict | kind |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in result.results:
-        mark = "pass" if r.passed else "**FAIL**"
-        lines.append(f"| `{r.artifact}` | `{r.rule}` | {_fmt(r.value)} | {r.limit} | {mark} | {r.kind} |")
+        mark = {"pass": "pass", "fail": "**FAIL**"}.get(r.outcome) or (
+            f"inconclusive ({'pass' if r.passed else '**FAIL**'}"
+            + (f"; ~{r.more_tokens:,} more tokens would decide it)" if r.more_tokens else ")"))
+        value = _fmt(r.value) + (f" ({_fmt(r.interval[0])}–{_fmt(r.interval[1])})" if r.interval else "")
+        lines.append(f"| `{r.artifact}` | `{r.rule}` | {value} | {r.limit} | {mark} | {r.kind} |")
     metric, _ = _quality_metric(result.reports)
-    lines += ["", f"| artifact | file | {metric} | decode tok/s (measured) | peak RSS |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", f"| artifact | file | {metric} (95 % interval) | decode tok/s (measured) | peak RSS |", "| --- | --- | --- | --- | --- |"]
     for report in result.reports:
         q = _quality(report, metric)
+        interval = ((report.get("quality") or {}).get("intervals") or {}).get(metric)
         decode, _ = metric_value(report, "decode_tokens_per_s") if "decode_tokens_per_s" in (report.get("latency") or {}) else (None, "")
         peak = (report.get("memory") or {}).get("peak_rss_bytes")
         lines.append(f"| `{artifact_label(report)}` | {report['memory']['file_bytes'] / 1e6:.1f} MB | "
-                     f"{'-' if q is None else f'{q:.4f}'} | {'-' if decode is None else f'{decode:.1f}'} | "
+                     f"{'-' if q is None else f'{q:.4f}'}{f' ({interval[0]:.4f}–{interval[1]:.4f})' if interval else ''} | "
+                     f"{'-' if decode is None else f'{decode:.1f}'} | "
                      f"{'-' if peak is None else f'{peak / 1e6:.0f} MB'} |")
     return "\n".join(lines) + "\n"
 
@@ -76,8 +82,13 @@ def _plots(reports: list[dict[str, Any]]) -> list[str]:
     domains = sorted({d for r in reports for d in ((r.get("quality") or {}).get("domains") or {})})
     if domains:
         key = "kld_mean" if metric == "kld_mean" else "cosine_mean"
-        series = {artifact_label(r): [((r.get("quality") or {}).get("domains", {}).get(d) or {}).get(key) for d in domains] for r in reports}
-        plots.append(grouped_bars(domains, series, svg_id="plot-domains", title=f"{key} per domain", ylabel=key))
+        def figures(r, d):
+            return ((r.get("quality") or {}).get("domains", {}).get(d) or {})
+
+        series = {artifact_label(r): [figures(r, d).get(key) for d in domains] for r in reports}
+        errors = {artifact_label(r): [(figures(r, d).get("intervals") or {}).get(key) for d in domains] for r in reports}
+        plots.append(grouped_bars(domains, series, svg_id="plot-domains", errors=errors,
+                                  title=f"{key} per domain (error bars: 95 % interval)", ylabel=key))
     labels = [artifact_label(r) for r in reports]
     profiles = sorted({t["name"] for r in reports for t in r.get("targets", [])}, key=lambda n: (n != "host", n))
     series: dict[str, list[float | None]] = {}

@@ -34,10 +34,11 @@ def profile_table(report: dict) -> None:
                     [[name, str(d["passages"]), f"{d['cosine_mean']:.5f}", f"{d['cosine_min']:.5f}"]
                      for name, d in [*q["domains"].items(), ("overall", q)]], out)
     elif q:
-        print_table(f"quality vs reference (measured, ctx {report['settings']['ctx']}, second half scored)",
-                    [("domain", ID)] + [(c, NUM) for c in ("tokens", "kld_mean", "kld_p99", "kld_max", "top1", "ppl", "ppl_ref", "Δppl %")],
-                    [[name, str(d["tokens"]), f"{d['kld_mean']:.4f}", f"{d['kld_p99']:.4f}", f"{d['kld_max']:.3f}",
-                      f"{d['top1_agreement']:.3f}", f"{d['ppl']:.2f}", f"{d['ppl_reference']:.2f}", f"{d['ppl_delta_pct']:+.2f}"]
+        print_table(f"quality vs reference (measured, ctx {report['settings']['ctx']}, second half scored; "
+                    "± standard error, (95 % interval))",
+                    [("domain", ID)] + [(c, NUM) for c in ("tokens", "kld_mean", "kld_p99", "top1", "Δppl %", "ppl")],
+                    [[name, str(d["tokens"]), _with_stderr(d, "kld_mean", ".4f"), _with_interval(d, "kld_p99", ".4f"),
+                      _with_interval(d, "top1_agreement", ".3f"), _with_interval(d, "ppl_delta_pct", "+.2f"), f"{d['ppl']:.2f}"]
                      for name, d in [*q["domains"].items(), ("overall", q)]], out)
     lat = report.get("latency")
     if lat and "encode_s" in lat:
@@ -63,6 +64,17 @@ def profile_table(report: dict) -> None:
     if "decode_roofline_fraction" in h:
         rows.append(["decode_roofline_fraction", f"{h['decode_roofline_fraction']:.2f}", "measured/estimated"])
     print_table("memory and host", [("metric", ID), ("value", NUM), ("kind", ID)], rows, out)
+
+
+def _with_stderr(figures: dict, key: str, fmt: str) -> str:
+    se = figures.get(f"{key}_stderr")
+    return f"{figures[key]:{fmt}}" + ("" if se is None else f" ± {se:{fmt.lstrip('+')}}")
+
+
+def _with_interval(figures: dict, key: str, fmt: str) -> str:
+    interval = (figures.get("intervals") or {}).get(key)
+    text = f"{figures[key]:{fmt}}"
+    return text if interval is None else f"{text} ({interval[0]:{fmt}}–{interval[1]:{fmt}})"
 
 
 def convert_table(result) -> None:
@@ -147,9 +159,21 @@ def gate_table(result) -> None:
     rows = []
     for r in result.results:
         value = r.value if isinstance(r.value, bool) else f"{r.value:.4g}"
-        rows.append([r.artifact, r.rule, str(value), r.limit, "pass" if r.passed else "[bold red]FAIL[/bold red]", r.kind])
+        if r.interval is not None:
+            value += f" ({r.interval[0]:.4g}–{r.interval[1]:.4g})"
+        rows.append([r.artifact, r.rule, str(value), r.limit, _verdict_text(r), r.kind])
     print_table(f"quantkit gate: {'PASS' if result.passed else 'FAIL'}",
-                [("artifact", ID), ("rule", ID), ("value", NUM), ("limit", NUM), ("verdict", ID), ("kind", ID)], rows)
+                [("artifact", ID), ("rule", ID), ("value (95 %)", NUM), ("limit", TEXT), ("verdict", TEXT), ("kind", ID)], rows)
+
+
+def _verdict_text(r) -> str:
+    if r.outcome == "pass":
+        return "pass"
+    if r.outcome == "fail":
+        return "[bold red]FAIL[/bold red]"
+    more = f", ~{r.more_tokens:,} more tokens would decide it" if r.more_tokens else ""
+    counted = "counted as pass" if r.passed else "[bold red]counted as FAIL[/bold red]"
+    return f"inconclusive ({counted}{more})"
 
 
 def plan_table(result: dict, out_dir) -> None:

@@ -124,10 +124,14 @@ def _place_label(cx: float, cy: float, width: float, placed: list[tuple[float, f
 
 
 def grouped_bars(groups: list[str], series: dict[str, list[float | None]], *, svg_id: str, title: str,
-                 ylabel: str, hatched: set[str] = frozenset()) -> str:
+                 ylabel: str, hatched: set[str] = frozenset(),
+                 errors: dict[str, list[list[float] | None]] | None = None) -> str:
     """One group of bars per entry of ``groups``; one bar per series (None: no bar). Series in
-    ``hatched`` are drawn lighter (estimates next to measurements)."""
+    ``hatched`` are drawn lighter (estimates next to measurements); ``errors`` gives a bar's
+    [low, high] interval, drawn as an error bar."""
+    errors = errors or {}
     values = [v for vs in series.values() for v in vs if v is not None]
+    values += [e[1] for es in errors.values() for e in es if e is not None]
     y_hi = (max(values) if values else 1.0) * 1.15 or 1.0
 
     def sy(v):
@@ -150,6 +154,12 @@ def grouped_bars(groups: list[str], series: dict[str, list[float | None]], *, sv
             opacity = 0.45 if name in hatched else 1.0
             svg.append(f'<rect class="bar" x="{x0 + si * width:.1f}" y="{sy(v):.1f}" width="{width * 0.95:.1f}" height="{max(0.5, sy(0) - sy(v)):.1f}" '
                        f'fill="{PALETTE[si % len(PALETTE)]}" fill-opacity="{opacity}"><title>{escape(group)} / {escape(name)}: {v:g}</title></rect>')
+            err = (errors.get(name) or [None] * len(groups))[gi]
+            if err is not None:
+                cx = x0 + si * width + width * 0.475
+                svg.append(f'<path class="errorbar" d="M{cx - 3:.1f},{sy(err[0]):.1f} H{cx + 3:.1f} M{cx:.1f},{sy(err[0]):.1f} '
+                           f'V{sy(err[1]):.1f} M{cx - 3:.1f},{sy(err[1]):.1f} H{cx + 3:.1f}" stroke="#222" fill="none">'
+                           f'<title>95 % interval {err[0]:g}–{err[1]:g}</title></path>')
     for si, name in enumerate(series):
         lx, ly = _L + (si % 4) * 160, _H - 8 + 20 * (si // 4)
         opacity = 0.45 if name in hatched else 1.0
