@@ -4,9 +4,13 @@ run, and can the target's runtimes run it at all.
 * fits: weights + KV cache at the context + compute buffers against usable memory (total minus
   what the OS, driver or runtime keep); the largest context that fits.
 * speed, a roofline: decode is bound by memory bandwidth over bytes read per token, prefill by
-  compute over 2 x linear weights per token; each scaled by an efficiency calibrated on this host
-  (measured speed over the host's own roofline, from the artifact's profile run or a reference
-  run passed in). Every figure here is ``estimated``; the host's measurements stay ``measured``.
+  compute over 2 x linear weights per token. Where the profile lists published measurements for
+  the runtime and backend the artifact would use, an efficiency and a per-token overhead fitted
+  on them (:mod:`quantkit.hardware.published`) give the speed; elsewhere an efficiency calibrated
+  on this host (measured speed over the host's own roofline, from the artifact's profile run or
+  a reference run passed in). Every estimate says what it was calibrated on
+  (``efficiency.calibrated_on``, ``efficiency.prefill_calibrated_on``). Every figure here is
+  ``estimated``; the host's measurements stay ``measured``.
 * compatible: some runtime of the target takes the artifact's format and quant types, and for
   ONNX the target's operator domains, operator list, static shapes and maximum opset hold; each
   failed check is a reason. Ascend-style targets get the compiler command line for a compatible
@@ -15,9 +19,11 @@ run, and can the target's runtimes run it at all.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from .published import SpeedModel, published_models
 from .schema import HardwareProfile
 
 __all__ = ["ArtifactFacts", "Calibration", "artifact_facts", "calibrate", "estimate_target", "compatibility"]
@@ -133,6 +139,7 @@ def estimate_target(facts: ArtifactFacts, profile: HardwareProfile, ctx: int, ca
     bounds = roofline(facts, profile, ctx)
     eff = calibration or Calibration(DEFAULT_EFFICIENCY["decode"], DEFAULT_EFFICIENCY["prefill"], "default")
     compatible, reasons, extra = compatibility(facts, profile)
+    published = _published(profile, extra.get("runtime"), bounds["compute_dtype"], facts)
     result: dict[str, Any] = {
         "name": profile.name,
         "kind": profile.kind,
@@ -148,13 +155,49 @@ def estimate_target(facts: ArtifactFacts, profile: HardwareProfile, ctx: int, ca
         "estimated": True,
         **extra,
     }
-    result["prefill_tokens_per_s"] = bounds["prefill_tokens_per_s"] * eff.prefill
+    efficiency = result["efficiency"]
+    if "prefill" in published:  # published measurements on this hardware win over this host's
+        model = published["prefill"]
+        result["prefill_tokens_per_s"] = model.tokens_per_s(1.0 / bounds["prefill_tokens_per_s"])
+        efficiency.update(prefill=model.efficiency, prefill_overhead_s=model.overhead_s, prefill_calibrated_on=model.source)
+    else:
+        result["prefill_tokens_per_s"] = bounds["prefill_tokens_per_s"] * eff.prefill
+        efficiency["prefill_calibrated_on"] = eff.source
     if facts.kind == "decoder" and facts.has_kv_cache:
         result["decode_roofline_tokens_per_s"] = bounds["decode_tokens_per_s"]
-        result["decode_tokens_per_s"] = bounds["decode_tokens_per_s"] * eff.decode
+        if "decode" in published:
+            model = published["decode"]
+            result["decode_tokens_per_s"] = model.tokens_per_s(1.0 / bounds["decode_tokens_per_s"])
+            efficiency.update(decode=model.efficiency, decode_overhead_s=model.overhead_s, calibrated_on=model.source)
+        else:
+            result["decode_tokens_per_s"] = bounds["decode_tokens_per_s"] * eff.decode
     elif facts.kind == "decoder":  # no KV cache: every token is a prefill of the whole window
         result["decode_tokens_per_s"] = result["prefill_tokens_per_s"] / ctx
     return result
+
+
+def _published(profile: HardwareProfile, runtime_label: str | None, dtype: str, facts: ArtifactFacts) -> dict[str, SpeedModel]:
+    """Speed models from the profile's published measurements for the runtime the artifact would use."""
+    runtime = next((r for r in profile.runtimes if f"{r.name} ({r.backend})" == runtime_label), None)
+    if runtime is None or profile.measured:
+        return {}
+    quant = facts.scheme if facts.format == "gguf" else None
+    models = published_models(profile, runtime.name, runtime.backend, dtype, quant) if profile.measurements else {}
+    if len(models) < 2:  # a speed this profile has no point for: the same backend on other shipped hardware
+        others = [(m, p) for p in _shipped_profiles() if p.name != profile.name for m in p.measurements
+                  if m.runtime == runtime.name and m.backend == runtime.backend]
+        pooled = published_models(profile, runtime.name, runtime.backend, dtype, quant, others, pooled=True)
+        for metric, model in pooled.items():
+            if metric not in models:
+                models[metric] = SpeedModel(model.efficiency, 0.0, model.points, f"{model.source}, on other hardware")
+    return models
+
+
+@functools.cache
+def _shipped_profiles() -> tuple[HardwareProfile, ...]:
+    from .loading import load_profile_file, profile_files
+
+    return tuple(load_profile_file(path) for path in profile_files().values())
 
 
 def calibrate(facts: ArtifactFacts, host: HardwareProfile, latency: dict[str, Any], ctx: int, source: str) -> Calibration:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["HardwareProfile", "Memory", "RuntimeSupport", "Constraints", "Compiler", "FORMATS", "DTYPES"]
+__all__ = ["HardwareProfile", "Memory", "RuntimeSupport", "Constraints", "Compiler", "Measurement", "FORMATS", "DTYPES"]
 
 FORMATS = ("gguf", "gptq", "onnx", "bnb")
 DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -71,6 +71,36 @@ class Compiler(_Strict):
         return value
 
 
+class Measurement(_Strict):
+    """A published speed measurement on this hardware (a llama-bench row or the like): what the
+    estimator calibrates its efficiencies on, instead of this host's."""
+
+    model: str = Field(min_length=1, description="as the source names it, e.g. 'llama 7B Q4_0'")
+    params: float = Field(gt=0, description="parameters (dense; llama-bench's 'params' column)")
+    size_bytes: float = Field(gt=0, description="model file size (llama-bench prints GiB: x 2^30)")
+    quant: str = Field(min_length=1, description="GGUF type: q4_0, q4_k_m, q8_0, f16, ...")
+    runtime: str = Field(min_length=1)
+    backend: str = Field(min_length=1)
+    prompt_tokens: int | None = Field(default=None, gt=0)
+    prompt_tokens_per_s: float | None = Field(default=None, gt=0)
+    gen_tokens: int | None = Field(default=None, gt=0)
+    gen_tokens_per_s: float | None = Field(default=None, gt=0)
+    date: str | None = None
+    source: str = Field(min_length=1, description="where the figure was published (URL)")
+    note: str | None = None
+
+    @field_validator("quant")
+    @classmethod
+    def _lower_quant(cls, value: str) -> str:
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _some_speed(self) -> Measurement:
+        if self.prompt_tokens_per_s is None and self.gen_tokens_per_s is None:
+            raise ValueError("a measurement needs prompt_tokens_per_s, gen_tokens_per_s or both")
+        return self
+
+
 class HardwareProfile(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
     kind: Literal["cpu", "gpu", "npu", "soc"]
@@ -82,6 +112,7 @@ class HardwareProfile(_Strict):
     runtimes: list[RuntimeSupport] = Field(min_length=1)
     constraints: Constraints = Constraints()
     compiler: Compiler | None = None
+    measurements: list[Measurement] = Field(default_factory=list, description="published speed measurements (calibration)")
     measured: bool = Field(default=False, description="true only for the host, measured at run time")
 
     @field_validator("compute")

@@ -1,5 +1,7 @@
-"""Evaluation text by domain: quantkit's own short texts (en, zh), Python standard-library
-source (code), files the user names, or a hub dataset through ``datasets``."""
+"""Evaluation text by domain: quantkit's held-out texts (en, zh; sources and licences in
+``quantkit/data/SOURCES.md``), Python standard-library source (code), files the user names, or a
+hub dataset through ``datasets``. Each default domain is long enough for 16 windows of 512
+tokens (at least 4,096 scored tokens) with a Gemma- or Llama-sized vocabulary."""
 
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ _HUB_DATASETS = {"wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1", "test", 
 
 
 def default_texts() -> dict[str, str]:
-    """quantkit's own short English and Chinese texts (written for this package)."""
+    """quantkit's held-out English and Chinese evaluation texts."""
     data = resources.files("quantkit") / "data"
     return {lang: (data / f"eval-{lang}.txt").read_text(encoding="utf-8") for lang in ("en", "zh")}
 
 
-def code_text(max_chars: int = 120_000) -> str:
+def code_text(max_chars: int = 48_000) -> str:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     parts = [(stdlib / name).read_text(encoding="utf-8") for name in _CODE_MODULES if (stdlib / name).is_file()]
     return "\n\n".join(parts)[:max_chars]
