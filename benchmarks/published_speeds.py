@@ -20,7 +20,12 @@ sys.path.insert(0, str(REPO))
 from _measure import markdown_table, write_results  # noqa: E402
 
 from quantkit.hardware import load_profile_file, profile_files  # noqa: E402
-from quantkit.hardware.published import compute_dtype_of, leave_one_out, point_work, published_models  # noqa: E402
+from quantkit.hardware.published import (  # noqa: E402
+    compute_dtype_of,
+    leave_one_out,
+    point_work,
+    published_models,
+)
 
 NAME = "published_speeds"
 
