@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/profiler_throughput.py --repeats 2
 	$(BIN)/python benchmarks/gemma_recipes.py
 	$(BIN)/python benchmarks/host_estimate.py
+	$(BIN)/python benchmarks/quality_intervals.py
+	$(BIN)/python benchmarks/published_speeds.py
 	$(BIN)/python benchmarks/readme.py
 
 # each script on the smallest setting, in a few minutes; results go to benchmarks/results/quick/
@@ -53,6 +55,8 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/onnx_encoder.py --repeats 2
 	$(BIN)/python benchmarks/profiler_throughput.py --chunks 2 --repeats 1
 	$(BIN)/python benchmarks/gemma_recipes.py --quick
+	$(BIN)/python benchmarks/quality_intervals.py --quick
+	$(BIN)/python benchmarks/published_speeds.py
 
 # the untrusted-input readers' property tests with 2,000 random mutations each (about a minute)
 fuzz: $(STAMP)
