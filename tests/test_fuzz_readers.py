@@ -92,6 +92,21 @@ def _accepts_or_input_error(call) -> None:
         pass
 
 
+def _mutated_document(data, doc, dump) -> bytes:
+    """A structural mutation of ``doc`` or a byte mutation of its text, half the time each."""
+    if data.draw(st.booleans()):
+        return dump(data.draw(tree_mutations(doc))).encode()
+    return data.draw(byte_mutations(dump(doc).encode()))
+
+
+def _read_file(name: str, raw: bytes, read) -> None:
+    """Write ``raw`` as ``name`` in a fresh folder and read it: it parses or is an input error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(raw)
+        _accepts_or_input_error(lambda: read(path))
+
+
 # -- valid inputs --------------------------------------------------------------------------------
 
 
@@ -183,11 +198,7 @@ def test_safetensors_index_reader(data):
 def test_gguf_header_reader(data):
     from quantkit.formats.gguf.header import read_gguf_summary
 
-    raw = data.draw(byte_mutations(_GGUF))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.gguf"
-        path.write_bytes(raw)
-        _accepts_or_input_error(lambda: read_gguf_summary(path))
+    _read_file("m.gguf", data.draw(byte_mutations(_GGUF)), read_gguf_summary)
 
 
 @FUZZ
@@ -215,14 +226,7 @@ def test_policy_reader(data):
 
     from quantkit.gate import load_policy
 
-    if data.draw(st.booleans()):
-        raw = yaml.safe_dump(data.draw(tree_mutations(POLICY))).encode()
-    else:
-        raw = data.draw(byte_mutations(yaml.safe_dump(POLICY).encode()))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "policy.yaml"
-        path.write_bytes(raw)
-        _accepts_or_input_error(lambda: load_policy(path))
+    _read_file("policy.yaml", _mutated_document(data, POLICY, yaml.safe_dump), load_policy)
 
 
 @FUZZ
@@ -232,15 +236,8 @@ def test_hardware_profile_reader(data):
 
     from quantkit.hardware import load_profile_file
 
-    text = _PROFILE
-    if data.draw(st.booleans()):
-        raw = yaml.safe_dump(data.draw(tree_mutations(yaml.safe_load(text))), allow_unicode=True).encode()
-    else:
-        raw = data.draw(byte_mutations(text.encode()))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "rtx-4060-8gb.yaml"
-        path.write_bytes(raw)
-        _accepts_or_input_error(lambda: load_profile_file(path))
+    raw = _mutated_document(data, yaml.safe_load(_PROFILE), lambda doc: yaml.safe_dump(doc, allow_unicode=True))
+    _read_file("rtx-4060-8gb.yaml", raw, load_profile_file)
 
 
 @FUZZ
@@ -248,11 +245,7 @@ def test_hardware_profile_reader(data):
 def test_profile_report_reader(data):
     from quantkit.gate import evaluate, load_policy, read_report
 
-    report = _REPORT
-    if data.draw(st.booleans()):
-        raw = json.dumps(data.draw(tree_mutations(report))).encode()
-    else:
-        raw = data.draw(byte_mutations(json.dumps(report).encode()))
+    raw = _mutated_document(data, _REPORT, json.dumps)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "report.json"
         path.write_bytes(raw)
