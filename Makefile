@@ -34,7 +34,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# benchmarks side by side with the tools users would otherwise use (20 minutes on 2 cores);
+# benchmarks side by side with the tools users would otherwise use (about 45 minutes on 2 cores);
 # results in benchmarks/results/, then the README's tables and plot are regenerated from them
 bench: $(STAMP)
 	$(BIN)/python benchmarks/convert_f16.py

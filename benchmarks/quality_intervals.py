@@ -58,9 +58,7 @@ def main() -> None:
         wb = np.asarray(qb["window_stats"]["kld_mean"])
         diff = wa - wb
         se = float(diff.std(ddof=1) / math.sqrt(diff.size))
-        apart = qa["intervals"]["kld_mean"][0] > qb["intervals"]["kld_mean"][1]
-        pairs.append({"higher": f"gguf:{a}", "lower": f"gguf:{b}", "intervals_apart": apart,
-                      "paired_difference": float(diff.mean()), "paired_stderr": se,
+        pairs.append({"a": f"gguf:{a}", "b": f"gguf:{b}", "paired_difference": float(diff.mean()), "paired_stderr": se,
                       "paired_z": float(diff.mean() / se) if se else math.inf})
     result = {"model": "Gemma 3 270M (embedded)", "threads": args.threads, "quick": args.quick, "rows": rows, "pairs": pairs}
     print(f"default profile on Gemma 3 270M ({args.threads} threads)\n{table(result)}\n{pairs_table(result)}")
@@ -84,11 +82,19 @@ def table(result: dict) -> str:
 
 
 def pairs_table(result: dict) -> str:
-    body = [[f"{p['higher']} > {p['lower']}", "yes" if p["intervals_apart"] else "no",
-             f"{p['paired_difference']:.4f} ± {p['paired_stderr']:.4f} (z = {p['paired_z']:.1f})",
-             "separated" if p["intervals_apart"] else ("separated by the paired test" if p["paired_z"] > 1.96 else "not separated")]
-            for p in result["pairs"]]
-    return markdown_table(["pair (kld_mean)", "intervals apart", "paired per-window difference", "verdict"], body)
+    """Neighbouring types: which has the lower overall kld_mean, whether the 95 % intervals are
+    apart, and the paired per-window difference (a - b) with its standard error."""
+    overall = {r["recipe"]: r["kld_mean"]["overall"] for r in result["rows"]}
+    body = []
+    for p in result["pairs"]:
+        a, b = overall[p["a"]], overall[p["b"]]
+        low, high = (p["a"], p["b"]) if a["value"] < b["value"] else (p["b"], p["a"])
+        apart = a["interval"][1] < b["interval"][0] or b["interval"][1] < a["interval"][0]
+        separated = apart or abs(p["paired_z"]) > 1.96
+        body.append([f"{p['a']} vs {p['b']}", f"{low} lower", "yes" if apart else "no",
+                     f"{p['paired_difference']:+.4f} ± {p['paired_stderr']:.4f} (z = {p['paired_z']:+.1f})",
+                     "separated" if separated else "not separated"])
+    return markdown_table(["pair (kld_mean)", "order", "intervals apart", "paired per-window difference (a - b)", "verdict"], body)
 
 
 def sections(result: dict) -> dict[str, str]:
