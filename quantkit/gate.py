@@ -101,6 +101,14 @@ class RuleResult:
     def outcome(self) -> str:
         return self.verdict or ("pass" if self.passed else "fail")
 
+    @property
+    def verdict_text(self) -> str:
+        """'pass', 'FAIL', or 'inconclusive (counted as FAIL; ~N more tokens would decide it)'."""
+        if self.outcome != "inconclusive":
+            return "pass" if self.passed else "FAIL"
+        more = f"; ~{self.more_tokens:,} more tokens would decide it" if self.more_tokens else ""
+        return f"inconclusive (counted as {'pass' if self.passed else 'FAIL'}{more})"
+
     def to_dict(self) -> dict[str, Any]:
         out = {"artifact": self.artifact, "rule": self.rule, "value": self.value, "limit": self.limit,
                "verdict": self.outcome, "passed": self.passed, "kind": self.kind}
@@ -115,6 +123,7 @@ class RuleResult:
 class GateResult:
     results: list[RuleResult] = field(default_factory=list)
     reports: list[dict[str, Any]] = field(default_factory=list)
+    on_inconclusive: str = "fail"  # the policy's choice, for the warning 'warn' asks for
 
     @property
     def passed(self) -> bool:
@@ -230,7 +239,7 @@ def _limit_text(limit: Limit) -> str:
 
 def evaluate(reports: list[dict[str, Any]], policy: Policy, baselines: list[dict[str, Any]] | None = None) -> GateResult:
     """Check every report against every rule; a metric a report lacks is bad input (InputError)."""
-    result = GateResult(reports=reports)
+    result = GateResult(reports=reports, on_inconclusive=policy.on_inconclusive)
     for report in reports:
         label = artifact_label(report)
         for name, limit in policy.rules.items():

@@ -46,16 +46,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _value_text(r) -> str:
+    """The rule's value with its 95 % interval when it has one."""
+    return _fmt(r.value) + (f" ({_fmt(r.interval[0])}–{_fmt(r.interval[1])})" if r.interval else "")
+
+
 def render_markdown(result: GateResult) -> str:
     verdict = "✅ **PASS**" if result.passed else f"❌ **FAIL** ({len(result.failed)} rule{'s' if len(result.failed) != 1 else ''})"
     lines = [f"## quantkit gate: {verdict}", "", "| artifact | rule | value (95 % interval) | limit | verdict | kind |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in result.results:
-        mark = {"pass": "pass", "fail": "**FAIL**"}.get(r.outcome) or (
-            f"inconclusive ({'pass' if r.passed else '**FAIL**'}"
-            + (f"; ~{r.more_tokens:,} more tokens would decide it)" if r.more_tokens else ")"))
-        value = _fmt(r.value) + (f" ({_fmt(r.interval[0])}–{_fmt(r.interval[1])})" if r.interval else "")
-        lines.append(f"| `{r.artifact}` | `{r.rule}` | {value} | {r.limit} | {mark} | {r.kind} |")
+        lines.append(f"| `{r.artifact}` | `{r.rule}` | {_value_text(r)} | {r.limit} | {r.verdict_text.replace('FAIL', '**FAIL**')} | {r.kind} |")
     metric, _ = _quality_metric(result.reports)
     lines += ["", f"| artifact | file | {metric} (95 % interval) | decode tok/s (measured) | peak RSS |", "| --- | --- | --- | --- | --- |"]
     for report in result.reports:
@@ -111,8 +112,8 @@ svg.plot{display:block;margin:1.5em 0;border:1px solid #eee}code{background:#f6f
 def render_html(result: GateResult, title: str = "quantkit release gate") -> str:
     verdict = '<span class="pass">PASS</span>' if result.passed else f'<span class="fail">FAIL</span> ({len(result.failed)} failing)'
     rows = "\n".join(
-        f'<tr><td><code>{escape(r.artifact)}</code></td><td><code>{escape(r.rule)}</code></td><td>{escape(_fmt(r.value))}</td>'
-        f'<td>{escape(r.limit)}</td><td class="{"pass" if r.passed else "fail"}">{"pass" if r.passed else "FAIL"}</td><td>{r.kind}</td></tr>'
+        f'<tr><td><code>{escape(r.artifact)}</code></td><td><code>{escape(r.rule)}</code></td><td>{escape(_value_text(r))}</td>'
+        f'<td>{escape(r.limit)}</td><td class="{"pass" if r.passed else "fail"}">{escape(r.verdict_text)}</td><td>{r.kind}</td></tr>'
         for r in result.results
     )
     host = next((r["host"] for r in result.reports if r.get("host")), {})

@@ -161,19 +161,11 @@ def gate_table(result) -> None:
         value = r.value if isinstance(r.value, bool) else f"{r.value:.4g}"
         if r.interval is not None:
             value += f" ({r.interval[0]:.4g}–{r.interval[1]:.4g})"
-        rows.append([r.artifact, r.rule, str(value), r.limit, _verdict_text(r), r.kind])
+        verdict = r.verdict_text.replace("FAIL", "[bold red]FAIL[/bold red]")
+        rows.append([r.artifact, r.rule, str(value), r.limit, verdict, r.kind])
     print_table(f"quantkit gate: {'PASS' if result.passed else 'FAIL'}",
                 [("artifact", ID), ("rule", ID), ("value (95 %)", NUM), ("limit", TEXT), ("verdict", TEXT), ("kind", ID)], rows)
 
-
-def _verdict_text(r) -> str:
-    if r.outcome == "pass":
-        return "pass"
-    if r.outcome == "fail":
-        return "[bold red]FAIL[/bold red]"
-    more = f", ~{r.more_tokens:,} more tokens would decide it" if r.more_tokens else ""
-    counted = "counted as pass" if r.passed else "[bold red]counted as FAIL[/bold red]"
-    return f"inconclusive ({counted}{more})"
 
 
 def plan_table(result: dict, out_dir) -> None:
