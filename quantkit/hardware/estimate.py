@@ -23,7 +23,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from .published import SpeedModel, published_models
+from .published import SpeedModel, backend_overheads, published_models
 from .schema import HardwareProfile
 
 __all__ = ["ArtifactFacts", "Calibration", "artifact_facts", "calibrate", "estimate_target", "compatibility"]
@@ -182,14 +182,17 @@ def _published(profile: HardwareProfile, runtime_label: str | None, dtype: str, 
     if runtime is None or profile.measured:
         return {}
     quant = facts.scheme if facts.format == "gguf" else None
-    models = published_models(profile, runtime.name, runtime.backend, dtype, quant) if profile.measurements else {}
-    if len(models) < 2:  # a speed this profile has no point for: the same backend on other shipped hardware
-        others = [(m, p) for p in _shipped_profiles() if p.name != profile.name for m in p.measurements
-                  if m.runtime == runtime.name and m.backend == runtime.backend]
+    # the same backend on the other shipped hardware: overheads where this profile's points cannot
+    # show one, and whole speeds this profile has no point for
+    others = [(m, p) for p in _shipped_profiles() if p.name != profile.name for m in p.measurements
+              if m.runtime == runtime.name and m.backend == runtime.backend]
+    models = published_models(profile, runtime.name, runtime.backend, dtype, quant,
+                              overheads=backend_overheads(others)) if profile.measurements else {}
+    if len(models) < 2:
         pooled = published_models(profile, runtime.name, runtime.backend, dtype, quant, others, pooled=True)
         for metric, model in pooled.items():
             if metric not in models:
-                models[metric] = SpeedModel(model.efficiency, 0.0, model.points, f"{model.source}, on other hardware")
+                models[metric] = SpeedModel(model.efficiency, model.overhead_s, model.points, f"{model.source}, on other hardware")
     return models
 
 

@@ -114,7 +114,6 @@ def targets_table(report: dict) -> None:
     targets = report.get("targets")
     if not targets:
         return
-    eff = targets[0]["efficiency"]
     rows = []
     for e in targets:
         decode, prefill = _rate(e.get("decode_tokens_per_s")), _rate(e.get("prefill_tokens_per_s"))
@@ -126,13 +125,16 @@ def targets_table(report: dict) -> None:
                      f"{e['needed_bytes'] / 1e9:.2f} / {e['usable_bytes'] / 1e9:.1f} GB",
                      "yes" if e["compatible"] else "NO", decode, prefill])
     out = console()
-    print_table(f"hardware profiles (estimated, ctx {targets[0]['ctx']}; host efficiency decode "
-                f"{eff['decode']:.2f}, prefill {eff['prefill']:.2f})",
+    print_table(f"hardware profiles (estimated, ctx {targets[0]['ctx']}; what each estimate is calibrated on is listed below)",
                 [("profile", ID), ("fits", ID), ("max ctx", NUM), ("memory", NUM), ("compatible", ID),
                  ("decode tok/s", NUM), ("prefill tok/s", NUM)], rows, out)
     for e in targets:
+        eff = e["efficiency"]
+        calibration = (f"  calibrated on: decode {eff['calibrated_on']} (efficiency {eff['decode']:.2f}); "
+                       f"prefill {eff.get('prefill_calibrated_on', eff['calibrated_on'])} (efficiency {eff['prefill']:.2f})")
         if e["compatible"]:
             out.print(f"[bold]{e['name']}[/bold]: runs with {e.get('runtime', '?')}", highlight=False, soft_wrap=True)
+            out.print(calibration, highlight=False, soft_wrap=True)
             if "runtime_note" in e:
                 out.print(f"  note: {e['runtime_note']}", highlight=False, soft_wrap=True)
             if "compile_command" in e:
