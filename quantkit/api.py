@@ -248,6 +248,11 @@ def gate(
 
         raise InputError(f"{policy}: the policy has a baseline rule; pass --baseline OLD_REPORT.json")
     result = evaluate(load(reports), rules, load(baseline or []))
+    if result.inconclusive and result.on_inconclusive == "warn":
+        from .log import logger
+
+        logger.warning(f"{len(result.inconclusive)} rule(s) inconclusive (the limit lies inside the 95 % interval): "
+                       + ", ".join(f"{r.artifact} {r.rule}" for r in result.inconclusive))
     for path, text in ((markdown, render_markdown(result) if markdown else None), (html, render_html(result) if html else None)):
         if path:
             write_text(path, text)

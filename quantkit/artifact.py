@@ -80,11 +80,16 @@ def tool_versions() -> dict[str, str]:
 
 
 def _partial_name(final: Path) -> Path:
-    return final.parent / f".{final.name}.partial-{os.getpid()}"
+    return final.parent / f".{final.name}.quantkit-partial-{os.getpid()}"
 
 
-# hidden names this module gives unfinished output: ".NAME.partial-PID" and ".NAME.old-PID"
-_UNFINISHED = re.compile(r"^\..+\.(?:partial|old)-(\d+)$")
+def _old_name(final: Path) -> Path:
+    return final.parent / f".{final.name}.quantkit-old-{os.getpid()}"
+
+
+# hidden names only this module gives unfinished output: ".NAME.quantkit-partial-PID" and
+# ".NAME.quantkit-old-PID" (a replaced artifact, kept until its successor is in place)
+_UNFINISHED = re.compile(r"^\.(.+)\.quantkit-(partial|old)-(\d+)$")
 
 
 def _process_alive(pid: int) -> bool:
@@ -111,7 +116,11 @@ def remove_stale(folder: Path) -> tuple[int, int]:
         return 0, 0
     for entry in Path(folder).iterdir():
         match = _UNFINISHED.match(entry.name)
-        if not match or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+        if not match or int(match.group(3)) == os.getpid() or _process_alive(int(match.group(3))):
+            continue
+        final = entry.parent / match.group(1)
+        if match.group(2) == "old" and not final.exists():
+            os.rename(entry, final)  # killed between the two renames: the old artifact is the only copy
             continue
         size = _tree_bytes(entry)
         if entry.is_dir() and not entry.is_symlink():
@@ -126,7 +135,7 @@ def remove_stale(folder: Path) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def work_dir(folder: Path, name: str = "quantkit-work") -> Iterator[Path]:
-    """A hidden scratch folder in ``folder`` (``.NAME.partial-PID``), removed when the block
+    """A hidden scratch folder in ``folder`` (``.NAME.quantkit-partial-PID``), removed when the block
     ends; one left by a killed run is found and removed by :func:`remove_stale`."""
     path = _partial_name(Path(folder) / name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +161,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            old = _old_name(final)
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -160,6 +169,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             os.rename(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _old_name(final).exists() and not final.exists():  # interrupted between the renames
+            os.rename(_old_name(final), final)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise ConversionError(f"could not write {final}: {exc.strerror or exc}") from exc
         raise

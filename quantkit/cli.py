@@ -117,11 +117,6 @@ def gate(ctx, reports, policy, baselines, html_path, markdown_path, as_json):
     from .report.render import gate_table
 
     result = run_gate(list(reports), policy, baseline=list(baselines), html=html_path, markdown=markdown_path)
-    if result.inconclusive and result.on_inconclusive == "warn":
-        from .log import logger
-
-        logger.warning(f"{len(result.inconclusive)} rule(s) inconclusive (the limit lies inside the 95 % interval): "
-                       + ", ".join(f"{r.artifact} {r.rule}" for r in result.inconclusive))
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

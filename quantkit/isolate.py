@@ -89,7 +89,9 @@ def run_isolated(
         raise ValueError(f"not a quantkit function: {target}")
     if in_child():  # a child never spawns another: that would recurse
         raise RuntimeError(f"run_isolated({target}) called inside an isolated child")
-    child_env = {**os.environ, **(env or {}), "GGML_NO_BACKTRACE": "1", _CHILD_ENV: "1"}
+    # the child imports this very quantkit, whatever its working directory
+    child_env = {**os.environ, **(env or {}), "GGML_NO_BACKTRACE": "1", _CHILD_ENV: "1",
+                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     with tempfile.TemporaryFile(mode="w+b") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "quantkit.isolate", target],
@@ -97,13 +99,19 @@ def run_isolated(
         )
         result, failure = None, None
         expired: list[bool] = []
-        timer = threading.Timer(timeout, lambda: (expired.append(True), proc.kill())) if timeout else None
+        def expire() -> None:
+            if proc.poll() is None:  # still running: a child that already finished is no timeout
+                expired.append(True)
+                proc.kill()
+
+        timer = threading.Timer(timeout, expire) if timeout else None
         if timer:
             timer.start()
         try:
             assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(json.dumps(args).encode())
-            proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):  # a child that died at start: its stderr says why
+                proc.stdin.write(json.dumps(args).encode())
+                proc.stdin.close()
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 if not line.startswith(_PREFIX):
@@ -134,9 +142,11 @@ def run_isolated(
         raise NativeError(f"{what} failed: {message}")
     if expired:
         raise NativeError(f"{what} failed: no result after {timeout:.0f} s")
-    if proc.returncode != 0:
+    if proc.returncode != 0 and result is None:
         reason = native_message(stderr) or "no message"
         raise NativeError(f"{what} failed: {reason} ({_signal_name(proc.returncode)})")
+    if result is None:
+        raise NativeError(f"{what} failed: the worker ended without a result ({native_message(stderr) or 'no message'})")
     return result
 
 

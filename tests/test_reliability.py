@@ -119,13 +119,13 @@ def test_sigkill_leaves_only_hidden_partials_which_the_next_run_removes(tiny_mod
            "--to", "gguf:q8_0", "--to", "gguf:q4_0", "-o", str(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".") and ".partial-" in p.name for p in (out.iterdir() if out.exists() else [])):
+    while not any(p.name.startswith(".") and ".quantkit-partial-" in p.name for p in (out.iterdir() if out.exists() else [])):
         assert proc.poll() is None and time.monotonic() < deadline, "conversion ended before it could be killed"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = _left_behind(out)
-    assert left and all(name.startswith(".") and ".partial-" in name for name in os.listdir(out)), left
+    assert left and all(name.startswith(".") and ".quantkit-partial-" in name for name in os.listdir(out)), left
     # no worker outlives the killed run (children die with their parent)
     deadline = time.monotonic() + 10
     while _processes_with(tag) and time.monotonic() < deadline:
@@ -143,14 +143,17 @@ def test_stale_partials_of_live_processes_are_kept(tiny_model, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = tmp_path / "out"
-    (out / f".x-q4_0.partial-{dead.pid}").mkdir(parents=True)
-    (out / f".x-q4_0.partial-{dead.pid}" / "x.gguf").write_bytes(b"\0" * 1000)
-    (out / f".quantkit-work.partial-{dead.pid}").mkdir()
-    live = out / f".y.partial-{os.getppid()}"  # pytest's parent: alive
+    (out / f".x-q4_0.quantkit-partial-{dead.pid}").mkdir(parents=True)
+    (out / f".x-q4_0.quantkit-partial-{dead.pid}" / "x.gguf").write_bytes(b"\0" * 1000)
+    (out / f".quantkit-work.quantkit-partial-{dead.pid}").mkdir()
+    live = out / f".y.quantkit-partial-{os.getppid()}"  # pytest's parent: alive
     live.mkdir()
-    (out / "visible.partial-1").mkdir()  # not hidden: not quantkit's, never touched
+    (out / "visible.quantkit-partial-1").mkdir()  # not hidden: not quantkit's, never touched
+    (out / f".zshrc.old-{dead.pid}").write_text("a user's file")  # someone else's naming: never touched
+    # killed between "artifact -> .old" and ".partial -> artifact": the old artifact comes back
+    (out / f".z-q8_0.quantkit-old-{dead.pid}").mkdir()
     assert remove_stale(out) == (2, 1000)
-    assert sorted(os.listdir(out)) == [live.name, "visible.partial-1"]
+    assert sorted(os.listdir(out)) == sorted([live.name, "visible.quantkit-partial-1", f".zshrc.old-{dead.pid}", "z-q8_0"])
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tiny_model, tmp_path):
@@ -158,7 +161,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_model, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "-q", "convert", str(tiny_model("llama")),
                              "--to", "gguf:q8_0", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out.exists() and any(".partial-" in n for n in os.listdir(out))):
+    while not (out.exists() and any(".quantkit-partial-" in n for n in os.listdir(out))):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     proc.terminate()

@@ -166,8 +166,11 @@ def estimate_target(facts: ArtifactFacts, profile: HardwareProfile, ctx: int, ca
     if facts.kind == "decoder" and facts.has_kv_cache:
         result["decode_roofline_tokens_per_s"] = bounds["decode_tokens_per_s"]
         if "decode" in published:
+            # fitted on published file sizes: the artifact's work in the same unit (weights, not
+            # only the bytes a token reads, plus the KV cache)
             model = published["decode"]
-            result["decode_tokens_per_s"] = model.tokens_per_s(1.0 / bounds["decode_tokens_per_s"])
+            work = (facts.weight_bytes + facts.kv_bytes_per_token * ctx // 2) / profile.memory.bandwidth_bytes_per_s
+            result["decode_tokens_per_s"] = model.tokens_per_s(work)
             efficiency.update(decode=model.efficiency, decode_overhead_s=model.overhead_s, calibrated_on=model.source)
         else:
             result["decode_tokens_per_s"] = bounds["decode_tokens_per_s"] * eff.decode

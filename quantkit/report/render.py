@@ -163,8 +163,7 @@ def gate_table(result) -> None:
         value = r.value if isinstance(r.value, bool) else f"{r.value:.4g}"
         if r.interval is not None:
             value += f" ({r.interval[0]:.4g}–{r.interval[1]:.4g})"
-        verdict = r.verdict_text.replace("FAIL", "[bold red]FAIL[/bold red]")
-        rows.append([r.artifact, r.rule, str(value), r.limit, verdict, r.kind])
+        rows.append([r.artifact, r.rule, str(value), r.limit, r.verdict_text, r.kind])
     print_table(f"quantkit gate: {'PASS' if result.passed else 'FAIL'}",
                 [("artifact", ID), ("rule", ID), ("value (95 %)", NUM), ("limit", TEXT), ("verdict", TEXT), ("kind", ID)], rows)
 

@@ -32,16 +32,19 @@ def _width(cell: str) -> int:
 
 def print_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], out=None) -> None:
     """Print ``rows`` under ``columns`` ((header, kind) pairs) with ``title`` above them."""
+    from rich.markup import escape
     from rich.table import Table
 
     out = out or console()
+    # cells are shown as they are ("runs/[v2]/model.gguf" is a path, not markup)
+    rows = [[escape(cell) for cell in row] for row in rows]
     widths = [max([_width(name)] + [_width(row[i]) for row in rows]) for i, (name, _) in enumerate(columns)]
     whole = sum(w for w, (_, kind) in zip(widths, columns, strict=True) if kind != TEXT)
     # a folded text column is at least as wide as its longest word: words are never split
     words = [max([_TEXT_MIN] + [_width(word) for row in rows for word in row[i].split()]) if kind == TEXT else 0
              for i, (_, kind) in enumerate(columns)]
     content = whole + sum(min(w, m) for w, m, (_, kind) in zip(widths, words, columns, strict=True) if kind == TEXT)
-    out.print(title, soft_wrap=True)
+    out.print(escape(title), soft_wrap=True)
     if content + 3 * len(columns) + 1 <= out.width:  # boxed: "│ " + cell + " " per column, one edge
         table = Table(show_header=True)
     elif content + 2 * len(columns) - 1 <= out.width:  # compact: no edges, one space between columns

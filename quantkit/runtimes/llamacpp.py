@@ -174,6 +174,7 @@ class LlamaCppRuntime:
 
 
 _LOADED: set[tuple] = set()  # (file identity, settings) already loaded once in a child
+_CALLBACKS: list = []  # ctypes log callbacks handed to llama.cpp stay referenced
 
 
 def check_loads(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, threads: int | None = None,
@@ -208,6 +209,7 @@ def load_in_child(args: dict, reporter) -> dict:
             lines.append(text.decode("utf-8", "replace"))
             sys.stderr.write(lines[-1])
 
+    _CALLBACKS.append(on_log)  # llama.cpp may log until the process exits
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     path = Path(args["path"])
     if not args["vocab_only"]:

@@ -39,6 +39,7 @@ QUANT_SCHEMES: dict[str, gguf.LlamaFileType] = {
     "q3_k_s": F.MOSTLY_Q3_K_S,
     "q2_k": F.MOSTLY_Q2_K,
 }
+_CALLBACKS: list = []  # ctypes log callbacks handed to llama.cpp stay referenced
 # llama.cpp logs "[  12/ 236]  blk.0.attn_k.weight - ..." once per tensor
 _TENSOR_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 
@@ -74,6 +75,7 @@ def quantize_in_child(args: dict, reporter) -> int:
         if text:
             sys.stderr.write(text.decode("utf-8", "replace"))
 
+    _CALLBACKS.append(on_log)  # llama.cpp may log until the process exits
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = args["ftype"]
     params.nthread = args["threads"]
