@@ -12,11 +12,11 @@ import logging
 import os
 import sys
 
-__all__ = ["logger", "configure_cli", "route_llama_cpp"]
+__all__ = ["logger", "configure_cli", "route_llama_cpp", "on_llama_log"]
 
 logger = logging.getLogger("quantkit")
 _LLAMA = logging.getLogger("quantkit.llama_cpp")
-_llama_callback = None  # the ctypes callback must outlive every call into llama.cpp
+_llama_callbacks: list = []  # ctypes callbacks handed to llama.cpp must outlive every call into it
 
 
 class _CliFormatter(logging.Formatter):
@@ -52,19 +52,23 @@ def configure_cli(debug: bool) -> None:
     logging.getLogger("py.warnings").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
-def route_llama_cpp() -> None:
-    """Send llama.cpp's log (load notices, 'using full-size SWA cache', ...) to the debug log."""
-    global _llama_callback
-    if _llama_callback is not None:
-        return
+def on_llama_log(handle) -> None:
+    """Give every line llama.cpp logs from now on to ``handle(text)``; the callback stays
+    referenced for the life of the process (llama.cpp may log until exit)."""
     import ctypes
 
     import llama_cpp
 
     @llama_cpp.llama_log_callback
-    def to_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if text and _LLAMA.isEnabledFor(logging.DEBUG):
-            _LLAMA.debug(text.decode("utf-8", "replace").rstrip("\n"))
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if text:
+            handle(text.decode("utf-8", "replace"))
 
-    _llama_callback = to_log
-    llama_cpp.llama_log_set(to_log, ctypes.c_void_p(0))
+    _llama_callbacks.append(callback)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def route_llama_cpp() -> None:
+    """Send llama.cpp's log (load notices, 'using full-size SWA cache', ...) to the debug log."""
+    if not _llama_callbacks:
+        on_llama_log(lambda text: _LLAMA.isEnabledFor(logging.DEBUG) and _LLAMA.debug(text.rstrip("\n")))

@@ -19,6 +19,7 @@ give their median efficiency and the backend's per-token overhead where that har
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from .schema import HardwareProfile, Measurement
@@ -120,8 +121,7 @@ def published_models(profile: HardwareProfile, runtime: str, backend: str, dtype
         seconds = [1.0 / speed(m) for m, _ in chosen]
         if pooled:  # other hardware: the median efficiency after the backend's per-token overhead
             over = backend_overheads(points).get(metric, 0.0)
-            effs = sorted(min(1.0, w / (t - over)) if t > over else 1.0 for w, t in zip(work, seconds, strict=True))
-            eff = effs[len(effs) // 2] if len(effs) % 2 else (effs[len(effs) // 2 - 1] + effs[len(effs) // 2]) / 2
+            eff = statistics.median(min(1.0, w / (t - over)) if t > over else 1.0 for w, t in zip(work, seconds, strict=True))
             over = over if any(t > over for t in seconds) else 0.0
         else:
             borrowed = (overheads or {}).get(metric) if max(work) < MIN_SPREAD * min(work) else None
@@ -142,7 +142,7 @@ def backend_overheads(points: list[tuple[Measurement, HardwareProfile]]) -> dict
             work = [point_work(m, profile)[metric] for m in pts]
             if len(pts) > 1 and max(work) >= MIN_SPREAD * min(work):
                 found[metric].append(fit_speed(work, [1.0 / speed(m) for m in pts])[1])
-    return {k: sorted(v)[len(v) // 2] for k, v in found.items() if v}
+    return {k: statistics.median(v) for k, v in found.items() if v}
 
 
 def leave_one_out(profiles: list[HardwareProfile]) -> list[dict]:

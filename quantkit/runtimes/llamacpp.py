@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from pathlib import Path
@@ -174,7 +173,6 @@ class LlamaCppRuntime:
 
 
 _LOADED: set[tuple] = set()  # (file identity, settings) already loaded once in a child
-_CALLBACKS: list = []  # ctypes log callbacks handed to llama.cpp stay referenced
 
 
 def check_loads(path: Path, *, vocab_only: bool = False, n_ctx: int = 512, threads: int | None = None,
@@ -201,16 +199,15 @@ def load_in_child(args: dict, reporter) -> dict:
     """The child's side of :func:`check_loads`."""
     import llama_cpp
 
+    from ..log import on_llama_log
+
     lines: list[str] = []
 
-    @llama_cpp.llama_log_callback
-    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if text:
-            lines.append(text.decode("utf-8", "replace"))
-            sys.stderr.write(lines[-1])
+    def on_log(text: str) -> None:
+        lines.append(text)
+        sys.stderr.write(text)
 
-    _CALLBACKS.append(on_log)  # llama.cpp may log until the process exits
-    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    on_llama_log(on_log)
     path = Path(args["path"])
     if not args["vocab_only"]:
         LlamaCppRuntime(path, n_ctx=args["n_ctx"], threads=args["threads"], logits_all=args["logits_all"]).close()

@@ -39,9 +39,8 @@ QUANT_SCHEMES: dict[str, gguf.LlamaFileType] = {
     "q3_k_s": F.MOSTLY_Q3_K_S,
     "q2_k": F.MOSTLY_Q2_K,
 }
-_CALLBACKS: list = []  # ctypes log callbacks handed to llama.cpp stay referenced
 # llama.cpp logs "[  12/ 236]  blk.0.attn_k.weight - ..." once per tensor
-_TENSOR_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
+_TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
 
 def quantize_gguf(
@@ -68,17 +67,16 @@ def quantize_in_child(args: dict, reporter) -> int:
     """The child's side of :func:`quantize_gguf`: one progress line per tensor llama.cpp logs."""
     import llama_cpp
 
-    @llama_cpp.llama_log_callback
-    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if _TENSOR_LINE.search(text or b""):
-            reporter.progress(1)
-        if text:
-            sys.stderr.write(text.decode("utf-8", "replace"))
+    from ...log import on_llama_log
 
-    _CALLBACKS.append(on_log)  # llama.cpp may log until the process exits
+    def on_log(text: str) -> None:
+        if _TENSOR_LINE.search(text):
+            reporter.progress(1)
+        sys.stderr.write(text)
+
+    on_llama_log(on_log)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = args["ftype"]
     params.nthread = args["threads"]
     params.allow_requantize = True  # a quantized GGUF source may be re-quantized
-    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     return int(llama_cpp.llama_model_quantize(args["src"].encode(), args["dst"].encode(), ctypes.byref(params)))
