@@ -16,7 +16,7 @@ from .errors import SourceError
 
 __all__ = ["cache_dir", "default_gguf_path", "default_model_dir"]
 
-_LAYOUT_VERSION = "1"
+_LAYOUT_VERSION = "2"  # 2: saved by transformers 5 (rope_parameters)
 
 
 def cache_dir() -> Path:
@@ -70,6 +70,11 @@ def default_model_dir() -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
         )
+        # transformers 5 refuses to save a model it loaded from a GGUF ("quantized with gguf and
+        # not serializable"); the weights are plain float32 by now, so drop the quantizer first
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         del model
         hf_tokenizer_files_from_gguf(gguf_path, tmp)

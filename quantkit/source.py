@@ -25,7 +25,7 @@ from .errors import PickleRefusedError, SourceError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Source", "TensorInfo", "resolve_source", "DEFAULT_SOURCE_ID", "DTYPE_BYTES"]
+__all__ = ["Source", "TensorInfo", "resolve_source", "rope_parameters", "DEFAULT_SOURCE_ID", "DTYPE_BYTES"]
 
 DEFAULT_SOURCE_ID = "embedded:gemma-3-270m"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -134,6 +134,33 @@ class TensorReader:
             return self._stack.enter_context(open(file, "rb"))
         except OSError as exc:
             raise SourceError(f"{file}: cannot read safetensors file: {exc}") from exc
+
+
+def rope_parameters(config: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
+    """The RoPE settings of one kind of attention layer, flat (``rope_type``, ``rope_theta`` and
+    the scaling fields), from either config.json layout: transformers 4's top-level ``rope_theta``
+    / ``rope_scaling`` (Gemma 3's sliding layers: ``rope_local_base_freq``) or transformers 5's
+    ``rope_parameters``, flat or keyed by layer type (Gemma 3: ``full_attention`` /
+    ``sliding_attention``)."""
+    nested = config.get("rope_parameters")
+    if isinstance(nested, dict) and nested:
+        if layer_type in nested and isinstance(nested[layer_type], dict):
+            params = dict(nested[layer_type])
+        elif all(isinstance(v, dict) for v in nested.values()):
+            params = dict(nested.get("full_attention") or next(iter(nested.values())))
+        else:
+            params = dict(nested)
+    else:
+        params = dict(config.get("rope_scaling") or {})
+        if layer_type == "sliding_attention" and "rope_local_base_freq" in config:
+            params = {"rope_theta": config["rope_local_base_freq"]}  # Gemma 3: local layers are unscaled
+        elif "rope_theta" in config:
+            params["rope_theta"] = config["rope_theta"]
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params["rope_theta"] = float(params.get("rope_theta", 10000.0))
+    return params
 
 
 def _load_pickle(file: Path) -> dict[str, Any]:

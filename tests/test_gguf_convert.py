@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import gguf
 import pytest
@@ -51,12 +52,14 @@ def test_same_input_same_bytes(tiny_model, tmp_path):
 
 
 def test_sharded_checkpoint_converts_identically(tiny_model, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = tiny_model("qwen2")
     sharded = tmp_path / "sharded" / src.name  # same folder name: general.name is the same
     AutoModelForCausalLM.from_pretrained(src).save_pretrained(sharded, max_shard_size="100KB")
-    AutoTokenizer.from_pretrained(src).save_pretrained(sharded)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # as they are: transformers 5
+        if (src / name).is_file():  # re-saves a tokenizer with the defaults of its class filled in
+            shutil.copyfile(src / name, sharded / name)
     assert (sharded / "model.safetensors.index.json").is_file()
     one = convert(src, ["gguf:f16"], tmp_path / "one", verify=False).artifacts[0]
     many = convert(sharded, ["gguf:f16"], tmp_path / "many", verify=False).artifacts[0]

@@ -4,6 +4,7 @@ trained here on the shared corpora (SentencePiece BPE or byte-level BPE), saved 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from quantkit.formats.gguf.vocab import PRE_TOKENIZERS
@@ -19,7 +20,7 @@ def shared_text(name: str, chars: int) -> str:
 def train_spm(folder: Path, vocab_size: int = 600) -> Path:
     """A Llama-2-style SentencePiece BPE tokenizer (byte fallback, dummy prefix) as HF files."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizerFast
+    from transformers import AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
@@ -29,9 +30,16 @@ def train_spm(folder: Path, vocab_size: int = 600) -> Path:
         byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         num_threads=1, minloglevel=2,
     )
-    tok = LlamaTokenizerFast(vocab_file=str(folder / "spm.model"), legacy=False, from_slow=True)
+    # transformers builds tokenizer.json from a folder holding tokenizer.model; the SentencePiece
+    # model ships beside it, as in Llama 2 and Mistral checkpoints
+    src = folder / "spm-hf"
+    src.mkdir(exist_ok=True)
+    shutil.copyfile(folder / "spm.model", src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True}))
+    tok = AutoTokenizer.from_pretrained(src)
     out = folder / "tok"
     tok.save_pretrained(out)
+    shutil.copyfile(folder / "spm.model", out / "tokenizer.model")
     return out
 
 
@@ -104,10 +112,9 @@ def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0) -
         pad_token_id=None,
         **extra,
     )
-    if arch == "llama3":
-        config.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-        config.rope_theta = 500000.0
+    if arch == "llama3":  # transformers 5 keeps RoPE settings in rope_parameters
+        config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -116,6 +123,8 @@ def build_tiny_model(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0) -
                 param.copy_(torch.randn_like(param) * 0.3 + (0.0 if base == "gemma3" else 1.0))
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    if (tokenizer_dir / "tokenizer.model").is_file():  # transformers 5 saves tokenizer.json only
+        shutil.copyfile(tokenizer_dir / "tokenizer.model", out / "tokenizer.model")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"][0].lower().startswith(base.replace("3", "")[:4]), cfg["architectures"]
     return out

@@ -73,7 +73,7 @@ class GPTQRuntime(TransformersRuntime):
     def load_model(self, path: Path):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.modeling_utils import no_init_weights
+        from transformers.initialization import no_init_weights
 
         folder = Path(path).parent
         state = load_dequantized_state_dict(folder)

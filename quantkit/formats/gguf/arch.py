@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 
 from ...errors import UnsupportedArchitectureError
+from ...source import rope_parameters
 
 __all__ = ["ArchSpec", "ARCHITECTURES", "arch_for_config", "HParams"]
 
@@ -40,7 +41,7 @@ class ArchSpec:
 
 def _check_gemma3(config: dict[str, Any]) -> None:
     # llama.cpp hard-codes Gemma 3's local RoPE base and its 5-local/1-global layer pattern.
-    if config.get("rope_local_base_freq", 10000.0) != 10000.0:
+    if rope_parameters(config, "sliding_attention")["rope_theta"] != 10000.0:
         raise UnsupportedArchitectureError("gemma3 with rope_local_base_freq != 10000 is not supported by llama.cpp")
     layer_types = config.get("layer_types")
     if layer_types:
@@ -109,7 +110,7 @@ def write_hparams(writer: gguf.GGUFWriter, spec: ArchSpec, config: dict[str, Any
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(hp.n_heads)
     writer.add_head_count_kv(hp.n_kv_heads)
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_parameters(config)["rope_theta"])
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     if spec.always_head_dim or hp.head_dim != hp.hidden // hp.n_heads:
         writer.add_key_length(hp.head_dim)
@@ -122,9 +123,9 @@ def write_hparams(writer: gguf.GGUFWriter, spec: ArchSpec, config: dict[str, Any
 
 
 def _write_rope_scaling(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
-    scaling = config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
+    scaling = rope_parameters(config)
+    kind = scaling["rope_type"]
+    if kind == "default":
         return
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -139,11 +140,11 @@ def _write_rope_scaling(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None
 
 def extra_tensors(config: dict[str, Any]) -> dict[str, np.ndarray]:
     """Tensors llama.cpp wants that HF computes at run time (Llama 3.1's RoPE frequency factors)."""
-    scaling = config.get("rope_scaling") or {}
-    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+    scaling = rope_parameters(config)
+    if scaling["rope_type"] != "llama3":
         return {}
     hp = HParams.from_config(config)
-    base = float(config.get("rope_theta", 10000.0))
+    base = scaling["rope_theta"]
     factor = float(scaling.get("factor", 8.0))
     low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
     old_ctx = float(scaling.get("original_max_position_embeddings", 8192))

@@ -85,6 +85,14 @@ class GGUFVocab:
         for flag, key in ((self.add_bos, "bos"), (self.add_eos, "eos")):
             if flag and key not in self.special_ids:
                 raise TokenizerError(f"{where}: the tokenizer adds a {key.upper()} token but names none")
+        # a text piece the vocabulary lacks falls back to one token per byte, which llama.cpp looks
+        # up with unordered_map::at: a missing byte token is an uncaught C++ exception (abort)
+        missing = [b for b in range(256) if not any(t in seen for t in _byte_tokens(self.model, b))]
+        if missing:
+            raise TokenizerError(
+                f"{where}: the vocabulary has no token for {len(missing)} of the 256 bytes (e.g. 0x{missing[0]:02X}); "
+                "llama.cpp needs one for every byte to tokenize arbitrary text"
+            )
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model(self.model)
@@ -109,6 +117,30 @@ class GGUFVocab:
             writer.add_add_space_prefix(self.add_space_prefix)
         if self.chat_template:
             writer.add_chat_template(self.chat_template)
+
+
+def _byte_tokens(model: str, byte: int) -> tuple[str, ...]:
+    """The token texts llama.cpp tries for a raw byte (llama-vocab.cpp byte_to_token):
+    SentencePiece ``<0xNN>`` then the character itself, byte-level BPE its GPT-2 character."""
+    if model == "gpt2":
+        return (_GPT2_BYTE_CHARS[byte],)
+    return (f"<0x{byte:02X}>",) + ((chr(byte),) if byte < 128 else ())
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's reversible byte -> printable character table (byte-level BPE alphabets)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+_GPT2_BYTE_CHARS = _gpt2_byte_chars()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -143,7 +175,9 @@ def load_vocab(folder: Path, config: dict[str, Any]) -> GGUFVocab:
     vocab.chat_template = _chat_template(folder, tok_config)
     vocab_size = int(config.get("vocab_size") or len(vocab.tokens))
     if len(vocab.tokens) > vocab_size:
-        raise TokenizerError(f"tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is {vocab_size}")
+        extra = ", ".join(vocab.tokens[vocab_size:vocab_size + 4])
+        raise TokenizerError(f"tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is {vocab_size} "
+                             f"(beyond the embedding: {extra}{', ...' if len(vocab.tokens) > vocab_size + 4 else ''})")
     vocab.pad_to(vocab_size)
     vocab.validate(folder)
     return vocab
