@@ -1,11 +1,17 @@
-"""ONNX artifacts in ONNX Runtime: causal LMs (scored window by window, greedy decoding with the
-exported KV cache, or by re-running a static-shape window) and encoders (sentence embeddings).
+"""ONNX artifacts in ONNX Runtime: causal LMs and encoders (sentence embeddings).
+
+A decoder is scored window by window in an ONNX Runtime session of its graph (empty KV cache).
+A decoder built for onnxruntime-genai (``genai_config.json`` beside it) generates through
+``onnxruntime_genai``, the way its users run it; other decoders generate greedily with their
+exported KV cache, or by re-running a static-shape window. The session and the generator are
+made when first needed, so a process that only generates holds only the generator's copy.
 
 Providers: CUDA when this onnxruntime build has it, else the CPU.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -34,13 +40,16 @@ class OnnxRuntime(HFTokenizerMixin):
             raise InputError(f"{self.path}: no such ONNX model")
         available = ort.get_available_providers()
         self.providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        check_session(self.path, threads, self.providers)
-        self.session = _session(self.path, threads, self.providers)
-        self.inputs = OnnxSessionInputs.from_session(self.session)
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.threads = threads
+        self.genai = read_genai_config(self.path.parent)
+        decoder = (self.genai or {}).get("model", {}).get("decoder", {})
+        self.inputs = OnnxSessionInputs.from_model_file(self.path, kv_dim=decoder.get("head_size"))
+        self.outputs = list(summarize_model(self.path)["outputs"])
         self.present = [o for o in self.outputs if o.startswith("present.")]  # KV-cache outputs
         self.kind = "decoder" if "logits" in self.outputs else "encoder"
         self.n_ctx = n_ctx
+        self._session = None
+        self._generator_model = None
         self.tokenizer = AutoTokenizer.from_pretrained(self.path.parent, trust_remote_code=False)
         self.pooling = read_pooling(self.path.parent)
 
@@ -48,6 +57,14 @@ class OnnxRuntime(HFTokenizerMixin):
     def import_library() -> None:
         import onnxruntime  # noqa: F401
         import transformers  # noqa: F401
+
+    @property
+    def session(self):
+        """The ONNX Runtime session, made (after a load in a child process) on first use."""
+        if self._session is None:
+            check_session(self.path, self.threads, self.providers)
+            self._session = _session(self.path, self.threads, self.providers)
+        return self._session
 
     # -- decoders ------------------------------------------------------------------------------
     @property
@@ -66,9 +83,12 @@ class OnnxRuntime(HFTokenizerMixin):
         return self.generate(prompt, n_generate)[1]
 
     def generate(self, prompt: list[int], n_generate: int) -> tuple[list[int], dict[str, float]]:
-        """Greedy decoding of ``n_generate`` tokens after the first: with the KV cache when the
-        model has one, else by re-running the (static-shape) window with one more token a step.
-        Returns the new tokens and the timings."""
+        """Greedy decoding of ``n_generate`` tokens after the first: in onnxruntime-genai for
+        the models built for it, else with the KV cache when the model has one, else by
+        re-running the (static-shape) window with one more token a step. Returns the new tokens
+        and the timings."""
+        if self.genai is not None:
+            return self._generate_genai(prompt, n_generate)
         step = self._step_with_cache if self.inputs.past else self._step_static
         state = {"tokens": list(prompt)}
         start = time.perf_counter()
@@ -76,6 +96,31 @@ class OnnxRuntime(HFTokenizerMixin):
         first = time.perf_counter()
         for _ in range(n_generate):
             new.append(step(state))
+        return new, {"prefill_s": first - start, "decode_s": time.perf_counter() - first}
+
+    def _generate_genai(self, prompt: list[int], n_generate: int) -> tuple[list[int], dict[str, float]]:
+        import onnxruntime_genai as og
+
+        if self._generator_model is None:
+            config = og.Config(str(self.path.parent))
+            if self.threads:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                    "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+            self._generator_model = og.Model(config)
+        decoder = self.genai["model"]["decoder"]
+        window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
+        params = og.GeneratorParams(self._generator_model)
+        # the generator refuses a max_length below the sliding window of models that have one
+        params.set_search_options(max_length=max(len(prompt) + n_generate + 2, window), do_sample=False)
+        generator = og.Generator(self._generator_model, params)
+        start = time.perf_counter()
+        generator.append_tokens(prompt)
+        generator.generate_next_token()
+        new = [int(generator.get_next_tokens()[0])]
+        first = time.perf_counter()
+        for _ in range(n_generate):
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
         return new, {"prefill_s": first - start, "decode_s": time.perf_counter() - first}
 
     def _step_with_cache(self, state: dict) -> int:
@@ -147,7 +192,22 @@ class OnnxRuntime(HFTokenizerMixin):
         }
 
     def close(self) -> None:
-        self.session = None
+        self._session = None
+        self._generator_model = None
+
+
+def read_genai_config(folder: Path) -> dict | None:
+    """``genai_config.json`` of an onnxruntime-genai model folder, or None."""
+    path = Path(folder) / "genai_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model", {}).get("decoder"), dict):
+        raise InputError(f"{path}: not an onnxruntime-genai config (no model.decoder section)")
+    return config
 
 
 

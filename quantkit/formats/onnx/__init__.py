@@ -1,14 +1,19 @@
-"""ONNX: causal LMs (with their KV cache) and encoders exported to ONNX and quantized for ONNX
-Runtime and NPU compilers.
+"""ONNX: causal LMs and encoders for ONNX Runtime, onnxruntime-genai and NPU compilers.
 
-Schemes: ``fp32``, ``fp16``, ``int8`` (dynamic), ``int8-static`` (QDQ, calibrated), ``int4``
-(``MatMulNBits`` blocks of 32; ``int4g128`` for blocks of 128; a ``-hqq`` suffix picks HQQ over
-round-to-nearest). Options: ``static_shapes`` (batch 1, every sequence dimension fixed to
-``static_seqlen``, no KV cache: what Ascend's ATC and similar compilers need), ``opset``, and the
-calibration settings shared with GPTQ for ``int8-static``.
+Decoders (causal LMs) with a KV cache are built by onnxruntime-genai's model builder
+(``builder.py``): ``fp32``, ``fp16``, ``int8`` and ``int4`` weights (``MatMulNBits``, the tied
+embedding as ``GatherBlockQuantized``), each folder with the ``genai_config.json`` that
+``onnxruntime_genai`` runs. ``int4`` takes a block size (``int4g16`` ... ``int4g256``, default 32)
+and an algorithm suffix: none for round to nearest, ``-kquant`` for the builder's k-quant search,
+``-gptq`` for quantkit's own GPTQ checkpoint turned into ``MatMulNBits`` as it is (default blocks
+of 128, calibrated on the same text mix as ``gptq:``). ``accuracy_level`` (0-4) is the
+``MatMulNBits`` compute type (4: int8 activations, the builder's CPU default).
 
-The source is exported once to float32 (``export.py``, behind an interface); each recipe is then
-derived from that export with ONNX Runtime's quantizers (``quantize.py``).
+Encoders, decoders with ``static_shapes`` (batch 1, every sequence dimension fixed to
+``static_seqlen``, no KV cache: what Ascend's ATC and similar compilers need) and ``int8-static``
+(QDQ, calibrated activation ranges) are exported once to float32 by ``torch.onnx``
+(``export.py``) and each recipe derived from that export with ONNX Runtime's quantizers
+(``quantize.py``); there ``int4`` may use ``-hqq``.
 """
 
 from __future__ import annotations
@@ -28,25 +33,20 @@ from ...source import Source
 from .. import ConvertOptions, Format, register_format
 from ..options import CALIBRATION_OPTION_NAMES, Option, calibration_options, resolve_options
 
-__all__ = ["OnnxFormat", "OnnxScheme", "parse_scheme", "OPTION_DEFAULTS", "MODEL_NAME"]
+__all__ = ["OnnxFormat", "OnnxScheme", "parse_scheme", "OPTION_DEFAULTS", "MODEL_NAME", "GENAI_CONFIG"]
 
 MODEL_NAME = "model.onnx"
-_SCHEME = re.compile(r"^(fp32|fp16|int8|int8-static|int4(?:g(32|128))?(-hqq)?)$")
-_SCHEME_HELP = "fp32, fp16, int8, int8-static, int4 (blocks of 32), int4g128, with -hqq for HQQ (e.g. int4g128-hqq)"
-
-
-def _exporters() -> list[str]:
-    from .export import EXPORTERS
-
-    return list(EXPORTERS)
-
+GENAI_CONFIG = "genai_config.json"
+_SCHEME = re.compile(r"^(fp32|fp16|int8|int8-static|int4(?:g(16|32|64|128|256))?(?:-(kquant|gptq|hqq))?)$")
+_SCHEME_HELP = ("fp32, fp16, int8, int8-static, int4 with an optional block size (int4g16 ... int4g256) and "
+                "algorithm (-kquant, -gptq; -hqq for encoders and static shapes), e.g. int4g128-gptq")
 
 OPTIONS: dict[str, Option] = {
     "static_shapes": Option(False, "bool"),
     "static_seqlen": Option(512, "int", minimum=8),
-    "opset": Option(None, "int", minimum=11),  # default: the exporter's choice for the architecture
-    "exporter": Option("optimum-onnx", "choice", choices=_exporters),
-    # int8-static calibration (the same text mix as GPTQ, disjoint from the evaluation text)
+    "opset": Option(None, "int", minimum=11),  # torch.onnx exports: default 18
+    "accuracy_level": Option(None, "int", minimum=0),  # MatMulNBits compute type, 0-4
+    # calibration of int8-static and int4-gptq (the same text mix as GPTQ, disjoint from the evaluation text)
     **calibration_options(samples=16, seqlen=256),
 }
 OPTION_DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
@@ -56,7 +56,11 @@ OPTION_DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTION
 class OnnxScheme:
     dtype: str  # fp32, fp16, int8, int8-static, int4
     block_size: int | None = None
-    algo: str | None = None  # int4: rtn or hqq
+    algo: str | None = None  # int4: rtn, kquant, gptq or hqq
+
+    @property
+    def calibrated(self) -> bool:
+        return self.dtype == "int8-static" or self.algo == "gptq"
 
 
 def parse_scheme(scheme: str) -> OnnxScheme:
@@ -64,18 +68,27 @@ def parse_scheme(scheme: str) -> OnnxScheme:
     if not match:
         raise RecipeError(f"unknown ONNX scheme {scheme!r}; expected {_SCHEME_HELP}")
     if scheme.startswith("int4"):
-        return OnnxScheme("int4", int(match[2] or 32), "hqq" if match[3] else "rtn")
+        algo = match[3] or "rtn"
+        if algo == "gptq" and match[2] and int(match[2]) not in (32, 64, 128):
+            raise RecipeError(f"onnx:{scheme}: GPTQ groups are 32, 64 or 128 weights")
+        return OnnxScheme("int4", int(match[2] or (128 if algo == "gptq" else 32)), algo)
     return OnnxScheme(scheme)
 
 
 def _recipe_options(scheme: OnnxScheme, options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     values = resolve_options("ONNX", OPTIONS, options)
-    if scheme.dtype != "int8-static":
+    if values["accuracy_level"] is not None and values["accuracy_level"] > 4:
+        raise RecipeError(f"ONNX option accuracy_level={values['accuracy_level']}: expected 0 to 4")
+    if scheme.dtype not in ("int4", "int8"):
+        del values["accuracy_level"]
+    if not scheme.calibrated:
         values = {k: v for k, v in values.items() if k not in CALIBRATION_OPTION_NAMES}
-    elif values["static_shapes"]:
+    elif values["static_shapes"] and scheme.dtype == "int8-static":
         values["calib_seqlen"] = values["static_seqlen"]  # a static model takes only that length
     if not values["static_shapes"]:
         del values["static_seqlen"]
+    if scheme.algo in ("kquant", "gptq") and values["static_shapes"]:
+        raise RecipeError(f"onnx:int4-{scheme.algo} is built by onnxruntime-genai's builder, which makes no static shapes")
     return tuple(sorted(values.items()))
 
 
@@ -116,7 +129,7 @@ class OnnxFormat(Format):
     def convert(
         self, source: Source, recipes: Sequence[Recipe], out_dir: Path, options: ConvertOptions
     ) -> list[Artifact]:
-        from .export import EXPORTERS, ExportSpec, model_kind
+        from .export import ExportSpec, TorchExporter, model_kind
 
         if source.kind != "hf":
             raise InputError(f"{source.id}: ONNX export needs an HF checkpoint folder, not a {source.kind} file")
@@ -125,34 +138,88 @@ class OnnxFormat(Format):
         kind = model_kind(source.config)
         progress = options.progress or Progress(False)
         artifacts = []
-        exports: dict[tuple, Path] = {}  # one float32 export per (exporter, shapes, opset)
+        exports: dict[tuple, Path] = {}  # one float32 torch.onnx export per (shapes, opset)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with work_dir(out_dir, "quantkit-onnx") as work:
             for recipe in recipes:
+                scheme = parse_scheme(recipe.scheme)
                 opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
                 static = opts["static_shapes"]
-                key = (opts["exporter"], static, opts.get("static_seqlen"), opts["opset"])
+                if kind == "decoder" and not static and scheme.dtype != "int8-static":
+                    if scheme.algo == "hqq":
+                        raise RecipeError("onnx:int4...-hqq is for encoders and static shapes; decoders take -kquant or -gptq")
+                    artifacts.append(self._build(source, recipe, scheme, opts, Path(work), out_dir, options, progress))
+                    continue
+                if scheme.algo in ("kquant", "gptq"):
+                    raise RecipeError(f"onnx:{recipe.scheme} is for decoders with a KV cache (onnxruntime-genai's builder); "
+                                      "this one is exported by torch.onnx: use int4 or int4-hqq")
+                key = (static, opts.get("static_seqlen"), opts["opset"])
                 if key not in exports:
-                    spec = ExportSpec(kind, with_past=kind == "decoder" and not static, opset=opts["opset"])
+                    spec = ExportSpec(kind, opts.get("static_seqlen") if static else None, opts["opset"])
                     folder = Path(work) / f"export-{len(exports)}"
-                    with progress.task(f"exporting {source.name} to ONNX ({'static' if static else 'dynamic'} shapes)"):
-                        model = EXPORTERS[opts["exporter"]].export(source.path, folder, spec)
-                        if static:
-                            _make_static(model, opts["static_seqlen"])
-                    exports[key] = model
+                    with progress.task(f"exporting {source.name} to ONNX with torch.onnx ({'static' if static else 'dynamic'} shapes)"):
+                        exports[key] = TorchExporter().export(source.path, folder, spec)
                 artifacts.append(self._derive(source, recipe, exports[key], kind, out_dir, options, progress))
         return artifacts
 
+    def _build(self, source, recipe, scheme: OnnxScheme, opts, work: Path, out_dir, options, progress) -> Artifact:
+        """A decoder with a KV cache, built by onnxruntime-genai's model builder."""
+        from .builder import build_decoder, builder_version
+        from .export import copy_model_files
+        from .graph import summarize_model
+
+        final = Path(out_dir) / f"{source.name}-onnx-{recipe.tag}"
+        info: dict[str, Any] = {"kind": "decoder", "exporter": {"name": "onnxruntime-genai model builder",
+                                                               "version": builder_version()}}
+        model_dir = source.path
+        if scheme.algo == "gptq":
+            model_dir, info["gptq"] = self._gptq_checkpoint(source, scheme, opts, work, options, progress)
+        extra: dict[str, Any] = {}
+        if scheme.dtype in ("int4", "int8"):
+            extra["block_size"] = scheme.block_size or 32
+            if opts.get("accuracy_level") is not None:
+                extra["accuracy_level"] = opts["accuracy_level"]
+            if scheme.algo == "kquant":
+                extra["algo_config"] = "k_quant"
+        info["builder_options"] = {"precision": scheme.dtype, "execution_provider": "cpu", **extra}
+        with atomic_dir(final) as tmp:
+            with progress.task(f"onnx:{recipe.scheme}: building with onnxruntime-genai's model builder"):
+                info["builder"] = build_decoder(model_dir, tmp, scheme.dtype, extra, work / "builder-cache")
+            copy_model_files(source.path, tmp)  # the source's own tokenizer and config, as verified
+            for written in tmp.rglob("*"):
+                if written.is_file():
+                    written.chmod(0o644)
+            target = tmp / MODEL_NAME
+            info["graph"] = summarize_model(target)
+            if options.verify:
+                provisional = Artifact(tmp, target, {"recipe": recipe.to_dict(), "main_file": MODEL_NAME})
+                info["verification"] = options.verify(provisional)
+            manifest = write_manifest(
+                tmp, recipe=recipe.to_dict(), source=source.to_manifest(), details=info, main_file=MODEL_NAME
+            )
+        return Artifact(final, final / MODEL_NAME, manifest)
+
+    def _gptq_checkpoint(self, source, scheme: OnnxScheme, opts, work: Path, options, progress) -> tuple[Path, dict]:
+        """quantkit's GPTQ checkpoint of ``source`` (w4, the scheme's block as group size), for the
+        builder to take as pre-quantized input."""
+        from .. import get_format
+
+        gptq = get_format("gptq")
+        recipe = gptq.parse_recipe(f"w4g{scheme.block_size}", {k: opts[k] for k in CALIBRATION_OPTION_NAMES})
+        sub = ConvertOptions(threads=options.threads, progress=progress, verify=None)
+        [artifact] = gptq.convert(source, [recipe], work / "gptq", sub)
+        details = artifact.manifest.get("details", {})
+        return artifact.path, {"recipe": recipe.to_dict(), **{k: details[k] for k in ("calibration",) if k in details}}
+
     def _derive(self, source, recipe, fp32_model: Path, kind, out_dir, options, progress) -> Artifact:
         from . import quantize
-        from .export import EXPORTERS
+        from .export import TorchExporter
         from .graph import summarize_model
 
         scheme = parse_scheme(recipe.scheme)
         opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
         final = Path(out_dir) / f"{source.name}-onnx-{recipe.tag}{'-static' if opts['static_shapes'] else ''}"
-        info: dict[str, Any] = {"kind": kind, "exporter": {"name": opts["exporter"],
-                                                          "version": EXPORTERS[opts["exporter"]].version()}}
+        info: dict[str, Any] = {"kind": kind, "exporter": {"name": TorchExporter.name, "version": TorchExporter().version()}}
         with atomic_dir(final) as tmp:
             for extra in sorted(fp32_model.parent.rglob("*")):  # configs, tokenizer, pooling files
                 if extra.is_file() and not extra.name.startswith(MODEL_NAME):
@@ -170,7 +237,8 @@ class OnnxFormat(Format):
                     feeds, info["calibration"] = _calibration_feeds(source, fp32_model, opts, kind)
                     info["calibration"].update(quantize.int8_static(fp32_model, target, feeds))
                 else:
-                    quantize.int4_weight_only(fp32_model, target, scheme.block_size, scheme.algo)
+                    level = opts.get("accuracy_level")
+                    quantize.int4_weight_only(fp32_model, target, scheme.block_size, scheme.algo, 4 if level is None else level)
             for written in tmp.glob(MODEL_NAME + "*"):  # ONNX Runtime writes external data as 0600
                 written.chmod(0o644)
             info["graph"] = summarize_model(target)
@@ -187,16 +255,3 @@ def _load(path: Path):
     import onnx
 
     return onnx.load(str(path))
-
-
-def _make_static(model_path: Path, seqlen: int) -> None:
-    from .export import fix_static_shapes
-    from .quantize import save_model
-
-    model = _load(model_path)
-    left = fix_static_shapes(model, seqlen)
-    if left:
-        raise InputError(f"cannot make every input static: {', '.join(left)} stay symbolic")
-    for f in model_path.parent.glob(MODEL_NAME + "*"):
-        f.unlink()
-    save_model(model, model_path)

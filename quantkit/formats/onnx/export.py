@@ -1,9 +1,9 @@
-"""HF checkpoint -> float32 ONNX, behind a small interface.
+"""HF checkpoint -> float32 ONNX with ``torch.onnx`` (the dynamo exporter), for what
+onnxruntime-genai's builder does not make: encoders, and decoders without a KV cache (static
+shapes for NPU compilers, and the float graph that static int8 quantization calibrates).
 
-optimum-onnx is today's exporter. It pins transformers below 4.58, so the day that pin blocks a
-new architecture another exporter (onnxruntime-genai's model builder, or one of our own) can be
-registered here without touching the recipes, the runtime or the profiler: an exporter takes an
-HF folder and an :class:`ExportSpec` and writes ``model.onnx`` (plus external data) into a folder.
+An exporter takes an HF folder and an :class:`ExportSpec` and writes ``model.onnx`` (plus external
+data) into a folder; the recipes derive their quantized forms from it (``quantize.py``).
 """
 
 from __future__ import annotations
@@ -15,19 +15,23 @@ from typing import Any, ClassVar
 
 from ...errors import ConversionError, UnsupportedArchitectureError
 
-__all__ = ["EXPORTERS", "ExportSpec", "Exporter", "OptimumExporter", "fix_static_shapes", "model_kind",
-           "ENCODER_FILES"]
+__all__ = ["EXPORTERS", "ExportSpec", "Exporter", "TorchExporter", "model_kind", "copy_model_files",
+           "ENCODER_FILES", "DEFAULT_OPSET"]
 
 # sentence-transformers files that say how token states become one embedding (copied as is)
 ENCODER_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                  "1_Pooling/config.json")
+# the opset the dynamo exporter writes natively (older ones go through its version converter)
+DEFAULT_OPSET = 18
+# encoders: token type ids when the model has them
+_ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass(frozen=True)
 class ExportSpec:
-    kind: str  # "decoder" (causal LM) or "encoder" (feature extraction)
-    with_past: bool  # decoders: export the KV-cache inputs and outputs
-    opset: int | None  # None: the exporter's choice for the architecture
+    kind: str  # "decoder" (causal LM, logits out) or "encoder" (last_hidden_state out)
+    static_seqlen: int | None  # fixed [1, seqlen] inputs (NPU compilers); None: dynamic batch and length
+    opset: int | None  # None: DEFAULT_OPSET
 
 
 def model_kind(config: dict[str, Any]) -> str:
@@ -54,76 +58,96 @@ class Exporter:
         raise NotImplementedError
 
 
-class OptimumExporter(Exporter):
-    name = "optimum-onnx"
+class TorchExporter(Exporter):
+    """``torch.onnx.export(dynamo=True)`` of the transformers model in float32, without a KV cache."""
+
+    name = "torch.onnx"
 
     def version(self) -> str:
-        from importlib.metadata import version
+        import torch
 
-        return version("optimum-onnx")
-
-    def supported_tasks(self, model_type: str) -> set[str]:
-        from optimum.exporters.tasks import TasksManager
-
-        for name in (model_type, model_type.replace("_", "-")):
-            try:
-                return set(TasksManager.get_supported_tasks_for_model_type(name, "onnx", library_name="transformers"))
-            except (KeyError, ValueError):
-                continue
-        return set()
+        return f"torch {torch.__version__}"
 
     def export(self, folder: Path, out: Path, spec: ExportSpec) -> Path:
-        import json
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
 
-        from optimum.exporters.onnx import main_export
+        from .quantize import EXTERNAL_DATA_ABOVE, quiet
 
-        task = "feature-extraction" if spec.kind == "encoder" else (
-            "text-generation-with-past" if spec.with_past else "text-generation"
-        )
-        model_type = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type", "?")
-        if task not in self.supported_tasks(model_type):
-            raise UnsupportedArchitectureError(
-                f"{folder}: optimum-onnx {self.version()} does not support {task} for model_type {model_type!r}"
-            )
-        from .quantize import quiet
-
+        folder, out = Path(folder), Path(out)
+        loader = AutoModelForCausalLM if spec.kind == "decoder" else AutoModel
         try:
-            with quiet():
-                main_export(
-                    str(folder), output=str(out), task=task, opset=spec.opset, device="cpu",
-                    library_name="transformers", trust_remote_code=False, do_validation=False,
+            model = loader.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+        except (KeyError, ValueError) as exc:
+            raise UnsupportedArchitectureError(f"{folder}: transformers cannot load it ({_first_line(exc)})") from exc
+        names = ["input_ids", "attention_mask"]
+        if spec.kind == "encoder" and "token_type_ids" in _forward_args(model):
+            names.append("token_type_ids")
+        length = spec.static_seqlen or 8
+        example = tuple(torch.ones((1, length), dtype=torch.long) for _ in names)
+        dynamic = None
+        if spec.static_seqlen is None:
+            batch, seq = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length", max=1 << 16)
+            dynamic = {"args": tuple({0: batch, 1: seq} for _ in names)}
+        output = "logits" if spec.kind == "decoder" else "last_hidden_state"
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / "model.onnx"
+        try:
+            with quiet(), torch.no_grad():
+                program = torch.onnx.export(
+                    _Outputs(model, names, output), example, input_names=names, output_names=[output],
+                    dynamic_shapes=dynamic, opset_version=spec.opset or DEFAULT_OPSET, dynamo=True,
+                    external_data=False, verbose=False, optimize=True,
                 )
-        except (KeyError, ValueError, NotImplementedError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            if "not supported" in message or isinstance(exc, KeyError):
-                raise UnsupportedArchitectureError(f"{folder}: optimum-onnx cannot export it ({message[:200]})") from exc
-            raise ConversionError(f"{folder}: ONNX export failed ({message[:200]})") from exc
-        model = out / "model.onnx"
-        if not model.is_file():
-            raise ConversionError(f"{folder}: the ONNX exporter wrote no model.onnx")
-        for name in ENCODER_FILES if spec.kind == "encoder" else ():
-            if (folder / name).is_file():
-                (out / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(folder / name, out / name)
-        return model
+                program.save(str(target), external_data=weights > EXTERNAL_DATA_ABOVE)
+        except Exception as exc:  # torch.export raises many kinds for code it cannot trace
+            raise ConversionError(f"{folder}: torch.onnx could not export it ({_first_line(exc)[:200]})") from exc
+        copy_model_files(folder, out)
+        return target
 
 
-EXPORTERS: dict[str, Exporter] = {OptimumExporter.name: OptimumExporter()}
+def copy_model_files(folder: Path, out: Path) -> None:
+    """The files besides the weights that runtimes read: config, tokenizer, chat template,
+    sentence-transformers pooling."""
+    names = {"config.json", "generation_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
+             "added_tokens.json", *ENCODER_FILES}
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and (rel in names or (rel.startswith("tokenizer") and "/" not in rel) or rel.endswith(".jinja")):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out / rel)
 
 
-def fix_static_shapes(model, seqlen: int) -> list[str]:
-    """Fix batch to 1 and every sequence dimension to ``seqlen`` in place (what Ascend-style
-    compilers need). Returns the input dimensions still symbolic afterwards."""
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
+class _Outputs:
+    """A module whose positional inputs are ``names`` and whose one output is ``output``."""
 
-    for param in ("batch_size", "batch"):
-        make_dim_param_fixed(model.graph, param, 1)
-    for param in ("sequence_length", "seq_len", "past_sequence_length + sequence_length"):
-        make_dim_param_fixed(model.graph, param, seqlen)
-    fix_output_shapes(model)
-    left = []
-    for value in model.graph.input:
-        for dim in value.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
-                left.append(f"{value.name}:{dim.dim_param or '?'}")
-    return left
+    def __new__(cls, model, names: list[str], output: str):
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, *args):
+                kwargs = dict(zip(names, args, strict=True))
+                if output == "logits":
+                    kwargs["use_cache"] = False
+                return getattr(self.model(**kwargs), output)
+
+        return Wrapped()
+
+
+def _forward_args(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+EXPORTERS: dict[str, Exporter] = {TorchExporter.name: TorchExporter()}

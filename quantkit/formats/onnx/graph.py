@@ -93,13 +93,14 @@ class OnnxSessionInputs:
     """The model's inputs, and the feeds for one window of tokens."""
 
     inputs: tuple[_Input, ...]
+    kv_dim: int | None = None  # the KV cache's head size where the graph leaves it symbolic
 
     @classmethod
-    def from_session(cls, session) -> OnnxSessionInputs:
-        return cls(tuple(_Input(i.name, tuple(i.shape), i.type) for i in session.get_inputs()))
+    def from_session(cls, session, kv_dim: int | None = None) -> OnnxSessionInputs:
+        return cls(tuple(_Input(i.name, tuple(i.shape), i.type) for i in session.get_inputs()), kv_dim)
 
     @classmethod
-    def from_model_file(cls, path: Path) -> OnnxSessionInputs:
+    def from_model_file(cls, path: Path, kv_dim: int | None = None) -> OnnxSessionInputs:
         model = _load(path)
         weights = {t.name for t in model.graph.initializer}
         found = []
@@ -109,7 +110,7 @@ class OnnxSessionInputs:
             tt = value.type.tensor_type
             shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
             found.append(_Input(value.name, shape, _ONNX_ELEM.get(tt.elem_type, "tensor(float)")))
-        return cls(tuple(found))
+        return cls(tuple(found), kv_dim)
 
     @property
     def names(self) -> set[str]:
@@ -143,6 +144,9 @@ class OnnxSessionInputs:
         if "token_type_ids" in self.names:
             feeds["token_type_ids"] = np.zeros((1, length), dtype=np.int64)
         for p in self.past:
-            shape = [1, p.shape[1], 0, p.shape[3]]
+            head = p.shape[3] if isinstance(p.shape[3], int) else self.kv_dim
+            if not isinstance(p.shape[1], int) or not isinstance(head, int):
+                raise InputError(f"{p.name}: the KV cache's shape {list(p.shape)} leaves heads or head size open")
+            shape = [1, p.shape[1], 0, head]
             feeds[p.name] = np.zeros(shape, dtype=_NP_TYPES.get(p.type, np.float32))
         return {k: v for k, v in feeds.items() if k in self.names}

@@ -118,6 +118,19 @@ class _Feeds:
 _DOWN_PROJECTIONS = ("/mlp/down_proj/", "/output/dense/", "/fc2/", "/mlp/c_proj/", "/w2/")
 
 
+def _module_path(node) -> str:
+    """'/model/layers/0/mlp/down_proj/': the torch module a node came from (the dynamo exporter
+    records the module path among the node's name scopes), else the node's name."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            import ast
+
+            scopes = [str(s) for s in ast.literal_eval(prop.value) if s]  # ..., 'a.b.dense', 'linear_5'
+            if scopes:
+                return "/" + max(scopes, key=len).replace(".", "/") + "/"
+    return node.name
+
+
 def static_int8_nodes(model) -> tuple[list[str], list[str]]:
     """(MatMul nodes to quantize, down projections left in float) for ``int8_static``."""
     weights = {t.name for t in model.graph.initializer}
@@ -125,7 +138,8 @@ def static_int8_nodes(model) -> tuple[list[str], list[str]]:
     for node in model.graph.node:
         if node.op_type not in QUANTIZED_OPS or len(node.input) < 2 or node.input[1] not in weights:
             continue
-        down = any(p in node.name for p in _DOWN_PROJECTIONS) and "/attention/" not in node.name
+        path = _module_path(node)
+        down = any(p in path for p in _DOWN_PROJECTIONS) and "/attention/" not in path
         (skipped if down else chosen).append(node.name)
     return chosen, skipped
 
@@ -152,7 +166,7 @@ def int8_static(src: Path, dst: Path, feeds: Iterable[dict]) -> dict:
     return {"quantized_matmuls": len(chosen), "float_down_projections": len(skipped)}
 
 
-def int4_weight_only(src: Path, dst: Path, block_size: int, algo: str) -> None:
+def int4_weight_only(src: Path, dst: Path, block_size: int, algo: str, accuracy_level: int = 4) -> None:
     """MatMulNBits, symmetric blocks; ``accuracy_level=4`` lets the CPU kernel compute in int8."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -165,10 +179,11 @@ def int4_weight_only(src: Path, dst: Path, block_size: int, algo: str) -> None:
     if algo == "hqq":
         config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=ops)
     else:
-        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=ops)
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                                              op_types_to_quantize=ops)
     with quiet():
         quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(src)), block_size=block_size, is_symmetric=True, accuracy_level=4, algo_config=config,
+            onnx.load(str(src)), block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, algo_config=config,
             op_types_to_quantize=ops,
         )
         quantizer.process()
