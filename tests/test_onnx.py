@@ -25,13 +25,21 @@ def _summary(artifact) -> dict:
 
 def test_schemes_and_options():
     r = parse_recipe("onnx:int4")
-    assert dict(r.options) == {"exporter": "optimum-onnx", "opset": None, "static_shapes": False}
+    assert dict(r.options) == {"accuracy_level": None, "opset": None, "quantize_head": True, "static_shapes": False}
+    assert dict(parse_recipe("onnx:fp16").options) == {"opset": None, "static_shapes": False}
     r = parse_recipe("onnx:int8-static", {"calib_samples": 4, "static_shapes": True, "static_seqlen": 64})
     # a static model only takes windows of its own length: calibration follows it
     assert dict(r.options)["calib_seqlen"] == 64 and dict(r.options)["calib_samples"] == 4
-    for bad in ("int4g64", "int3", "fp8", "int8-hqq"):
+    assert dict(parse_recipe("onnx:int4-gptq").options)["calib_samples"] == 16  # GPTQ calibrates
+    for bad in ("int4g48", "int3", "fp8", "int8-hqq", "int4-awq"):
         with pytest.raises(RecipeError, match="unknown ONNX scheme"):
             parse_recipe(f"onnx:{bad}")
+    with pytest.raises(RecipeError, match="GPTQ groups"):
+        parse_recipe("onnx:int4g256-gptq")
+    with pytest.raises(RecipeError, match="no static shapes"):
+        parse_recipe("onnx:int4-kquant", {"static_shapes": True})
+    with pytest.raises(RecipeError, match="accuracy_level"):
+        parse_recipe("onnx:int4", {"accuracy_level": 5})
     with pytest.raises(RecipeError, match="opset"):
         parse_recipe("onnx:int8", {"opset": 7})
     with pytest.raises(RecipeError, match="calib"):
@@ -39,33 +47,46 @@ def test_schemes_and_options():
 
 
 def test_decoder_recipes_quality_and_operators(tiny_model, tmp_path, verify_texts):
-    # gemma3: sliding-window attention (window 16) and tied embeddings, scored on 512-token windows
-    recipes = ["onnx:fp32", "onnx:fp16", "onnx:int8", "onnx:int8-static", "onnx:int4", "onnx:int4g128-hqq"]
+    """gemma3: sliding-window attention (window 16) and tied embeddings, scored on 512-token
+    windows. Decoders with a KV cache come from onnxruntime-genai's builder; int8-static from
+    the torch.onnx export."""
+    recipes = ["onnx:fp32", "onnx:int8", "onnx:int8-static", "onnx:int4", "onnx:int4-kquant"]
     result = convert(tiny_model("gemma3"), recipes, tmp_path, verify_texts=verify_texts, verify_tokens=1024,
                      recipe_options=CALIB)
     arts = {a.recipe: a for a in result.artifacts}
+    # the builder's CPU float16 graph ignores the sliding window past it: refused; fine without one
+    with pytest.raises(RecipeError, match="sliding window"):
+        convert(tiny_model("gemma3"), ["onnx:fp16"], tmp_path / "fp16", verify=False)
+    arts["onnx:fp16"] = convert(tiny_model("llama"), ["onnx:fp16"], tmp_path / "fp16", verify_texts=verify_texts,
+                                verify_tokens=1024).artifacts[0]
     kld = {r: a.manifest["details"]["verification"]["kld_mean"] for r, a in arts.items()}
-    assert kld["onnx:fp32"] < 1e-6, kld  # the export computes what transformers computes
+    assert kld["onnx:fp32"] < 1e-5, kld  # the builder's graph computes what transformers computes
     assert kld["onnx:fp16"] < 1e-3, kld
     assert kld["onnx:fp32"] < kld["onnx:int8"] < 0.05, kld
     assert kld["onnx:int8"] < kld["onnx:int4"], kld
     ops = {r: set(_summary(a)["operators"]) for r, a in arts.items()}
-    assert "com.microsoft::MatMulNBits" in ops["onnx:int4"] and "ai.onnx::MatMul" in ops["onnx:fp32"]
-    assert "ai.onnx::MatMulInteger" in ops["onnx:int8"] or "com.microsoft::DynamicQuantizeMatMul" in ops["onnx:int8"]
+    assert "com.microsoft::MatMulNBits" in ops["onnx:int4"] and "com.microsoft::MatMulNBits" in ops["onnx:int8"]
+    assert "com.microsoft::GroupQueryAttention" in ops["onnx:fp32"]
     assert {"ai.onnx::QuantizeLinear", "ai.onnx::DequantizeLinear"} <= ops["onnx:int8-static"]
     # QDQ stays within standard ONNX: what NPU compilers accept
     assert all(op.startswith("ai.onnx::") for op in ops["onnx:int8-static"])
     weights = {r: _summary(a)["weight_bytes"] for r, a in arts.items()}
-    assert weights["onnx:fp16"] < 0.6 * weights["onnx:fp32"]
     assert weights["onnx:int4"] < weights["onnx:int8"] < weights["onnx:fp32"]
     calib = arts["onnx:int8-static"].manifest["details"]["calibration"]
     assert calib["samples"] == 4 and calib["quantized_matmuls"] > 0 and calib["float_down_projections"] == 2
-    # KV cache: the exported decoder takes past keys/values; its inputs are dynamic
-    assert any(n.startswith("past_key_values.") for n in _summary(arts["onnx:int4"])["inputs"])
-    assert "input_ids" in _summary(arts["onnx:int4"])["dynamic_inputs"]
+    for recipe in ("onnx:fp32", "onnx:fp16", "onnx:int8", "onnx:int4", "onnx:int4-kquant"):
+        # KV cache and genai_config.json: what onnxruntime-genai runs
+        assert any(n.startswith("past_key_values.") for n in _summary(arts[recipe])["inputs"]), recipe
+        assert "input_ids" in _summary(arts[recipe])["dynamic_inputs"]
+        assert (arts[recipe].path / "genai_config.json").is_file(), recipe
+        assert arts[recipe].manifest["details"]["exporter"]["name"] == "onnxruntime-genai model builder"
+    assert not (arts["onnx:int8-static"].path / "genai_config.json").exists()
 
 
-def test_kv_cache_decoding_matches_transformers(tiny_model, tmp_path):
+def test_onnxruntime_genai_generates_what_transformers_generates(tiny_model, tmp_path):
+    """The artifact loads in onnxruntime_genai, the way its users run it, and greedy decoding
+    there gives transformers' tokens."""
+    import onnxruntime_genai as og
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -79,6 +100,34 @@ def test_kv_cache_decoding_matches_transformers(tiny_model, tmp_path):
         theirs = model.generate(torch.tensor([prompt]), max_new_tokens=13, do_sample=False)[0, len(prompt):].tolist()
     assert ours == theirs
     assert timings["prefill_s"] > 0 and timings["decode_s"] > 0
+    # and by hand, as in onnxruntime-genai's own examples (its tokenizer, from the folder)
+    og_model = og.Model(str(art.path))
+    tokenizer = og.Tokenizer(og_model)
+    assert list(tokenizer.encode("To be, or not to be")) [-3:] == runtime.tokenize("To be, or not to be")[-3:]
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(prompt) + 6, do_sample=False)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert list(generator.get_sequence(0))[len(prompt):] == theirs[: 6]
+
+
+def test_int4_gptq_is_quantkits_gptq_checkpoint(tiny_model, tmp_path):
+    """onnx:int4-gptq turns quantkit's GPTQ checkpoint into MatMulNBits as it is: with the head
+    left in float (as GPTQ leaves it) and float32 compute, its logits are the GPTQ runtime's."""
+    from quantkit.runtimes import get_runtime
+
+    folder = tiny_model("qwen2")
+    calib = {"calib_samples": 8, "calib_seqlen": 64}
+    gptq = convert(folder, ["gptq:w4g32"], tmp_path / "gptq", verify=False, recipe_options=calib).artifacts[0]
+    onnx_art = convert(folder, ["onnx:int4g32-gptq"], tmp_path / "onnx", verify=False,
+                       recipe_options={**calib, "quantize_head": False, "accuracy_level": 1}).artifacts[0]
+    assert onnx_art.manifest["details"]["gptq"]["recipe"]["scheme"] == "w4g32"
+    ours, theirs = OnnxRuntime(onnx_art.main_file, threads=1), get_runtime("gptq")(gptq.main_file, n_ctx=128)
+    window = ours.tokenize("Now is the winter of our discontent made glorious summer by this sun of York")[:40]
+    np.testing.assert_allclose(ours.logits(window), theirs.logits(window), atol=1e-3)
+    assert "com.microsoft::MatMulNBits" in _summary(onnx_art)["operators"]
 
 
 def test_static_shapes(tiny_model, tmp_path):
@@ -90,6 +139,7 @@ def test_static_shapes(tiny_model, tmp_path):
     assert summary["inputs"]["input_ids"] == [1, 48] and summary["dynamic_inputs"] == []
     assert not any(n.startswith("past_key_values.") for n in summary["inputs"])
     assert static.path.name.endswith("-static")
+    assert static.manifest["details"]["exporter"]["name"] == "torch.onnx"
     dyn_rt, static_rt = OnnxRuntime(dynamic.main_file, threads=1), OnnxRuntime(static.main_file, threads=1)
     window = dyn_rt.tokenize("Now is the winter of our discontent made glorious summer")[:30]
     np.testing.assert_allclose(static_rt.logits(window), dyn_rt.logits(window), atol=1e-4)
@@ -102,7 +152,8 @@ def test_static_shapes(tiny_model, tmp_path):
 
 def test_reproducible(tiny_model, tmp_path):
     folder = tiny_model("qwen2")
-    runs = [convert(folder, ["onnx:int8", "onnx:int4"], tmp_path / str(i), verify=False).artifacts for i in range(2)]
+    runs = [convert(folder, ["onnx:int8", "onnx:int4", "onnx:int8-static"], tmp_path / str(i), verify=False,
+                    recipe_options=CALIB).artifacts for i in range(2)]
     for a, b in zip(*runs, strict=True):
         assert a.manifest["files"] == b.manifest["files"], a.recipe
         assert (a.path / "manifest.json").read_bytes() == (b.path / "manifest.json").read_bytes()
@@ -159,14 +210,17 @@ def test_minilm_encoder_int8(tmp_path):
 
 def test_truncated_model_is_one_line_input_error(tiny_model, tmp_path):
     art = convert(tiny_model("llama"), ["onnx:int8"], tmp_path, verify=False).artifacts[0]
-    data = art.main_file.read_bytes()
-    art.main_file.write_bytes(data[: len(data) // 2])
+    weights = art.path / "model.onnx.data"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
     # the profiler checks the files against the manifest before anything loads them
     with pytest.raises(InputError, match="truncated or replaced"):
         profile(art.path, quality=False)
     # ONNX Runtime's own refusal (in the child that probes the load first) is one line too
-    from quantkit.runtimes.onnx import OnnxRuntime
-
+    runtime = OnnxRuntime(art.main_file)
     with pytest.raises(InputError, match="ONNX Runtime cannot load") as info:
-        OnnxRuntime(art.main_file)
+        runtime.logits([1, 2, 3])
     assert "\n" not in str(info.value)
+    art.main_file.write_bytes(art.main_file.read_bytes()[:100])  # the graph itself: read by quantkit first
+    with pytest.raises(InputError, match="not a readable ONNX model"):
+        OnnxRuntime(art.main_file)

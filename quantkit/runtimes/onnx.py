@@ -43,7 +43,10 @@ class OnnxRuntime(HFTokenizerMixin):
         self.threads = threads
         self.genai = read_genai_config(self.path.parent)
         decoder = (self.genai or {}).get("model", {}).get("decoder", {})
-        self.inputs = OnnxSessionInputs.from_model_file(self.path, kv_dim=decoder.get("head_size"))
+        window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
+        if not (self.genai or {}).get("search", {}).get("past_present_share_buffer"):
+            window = 0  # separate past and present tensors: an empty past is empty
+        self.inputs = OnnxSessionInputs.from_model_file(self.path, kv_dim=decoder.get("head_size"), kv_window=window)
         self.outputs = list(summarize_model(self.path)["outputs"])
         self.present = [o for o in self.outputs if o.startswith("present.")]  # KV-cache outputs
         self.kind = "decoder" if "logits" in self.outputs else "encoder"

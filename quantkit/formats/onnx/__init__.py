@@ -7,7 +7,10 @@ embedding as ``GatherBlockQuantized``), each folder with the ``genai_config.json
 and an algorithm suffix: none for round to nearest, ``-kquant`` for the builder's k-quant search,
 ``-gptq`` for quantkit's own GPTQ checkpoint turned into ``MatMulNBits`` as it is (default blocks
 of 128, calibrated on the same text mix as ``gptq:``). ``accuracy_level`` (0-4) is the
-``MatMulNBits`` compute type (4: int8 activations, the builder's CPU default).
+``MatMulNBits`` compute type (4: int8 activations, the builder's CPU default); the output head
+is quantized too unless ``quantize_head`` is false (GPTQ itself leaves it in float: with
+``quantize_head=false`` and ``accuracy_level=1``, ``int4-gptq`` computes what the GPTQ checkpoint
+computes).
 
 Encoders, decoders with ``static_shapes`` (batch 1, every sequence dimension fixed to
 ``static_seqlen``, no KV cache: what Ascend's ATC and similar compilers need) and ``int8-static``
@@ -46,6 +49,8 @@ OPTIONS: dict[str, Option] = {
     "static_seqlen": Option(512, "int", minimum=8),
     "opset": Option(None, "int", minimum=11),  # torch.onnx exports: default 18
     "accuracy_level": Option(None, "int", minimum=0),  # MatMulNBits compute type, 0-4
+    # int4/int8 decoders: the output head in the recipe's bits too (false: float, as GPTQ leaves it)
+    "quantize_head": Option(True, "bool"),
     # calibration of int8-static and int4-gptq (the same text mix as GPTQ, disjoint from the evaluation text)
     **calibration_options(samples=16, seqlen=256),
 }
@@ -80,7 +85,7 @@ def _recipe_options(scheme: OnnxScheme, options: Mapping[str, Any]) -> tuple[tup
     if values["accuracy_level"] is not None and values["accuracy_level"] > 4:
         raise RecipeError(f"ONNX option accuracy_level={values['accuracy_level']}: expected 0 to 4")
     if scheme.dtype not in ("int4", "int8"):
-        del values["accuracy_level"]
+        del values["accuracy_level"], values["quantize_head"]
     if not scheme.calibrated:
         values = {k: v for k, v in values.items() if k not in CALIBRATION_OPTION_NAMES}
     elif values["static_shapes"] and scheme.dtype == "int8-static":
@@ -106,13 +111,24 @@ def _calibration_feeds(source: Source, model_path: Path, opts: dict[str, Any], k
         seqlen=opts["calib_seqlen"], seed=opts["seed"],
     )
     if kind == "encoder":
-        extra = tokenizer.num_special_tokens_to_add()
-        windows = [tokenizer.build_inputs_with_special_tokens(w[: len(w) - extra]) for w in windows]
+        prefix, suffix = _special_frame(tokenizer)
+        keep = len(prefix) + len(suffix)
+        windows = [prefix + w[: len(w) - keep] + suffix for w in windows]
     inputs = OnnxSessionInputs.from_model_file(model_path)
     feeds = [inputs.feeds(window) for window in windows]
     details = {"samples": len(windows), "seqlen": opts["calib_seqlen"], "seed": opts["seed"],
                "windows_per_domain": counts, "texts": opts["calib"] or "default calibration mix"}
     return feeds, details
+
+
+def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] / [SEP])."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("x")["input_ids"]
+    for i in range(len(framed) - len(plain) + 1):
+        if framed[i : i + len(plain)] == plain:
+            return framed[:i], framed[i + len(plain):]
+    return [], []
 
 
 @register_format
@@ -168,6 +184,13 @@ class OnnxFormat(Format):
         from .export import copy_model_files
         from .graph import summarize_model
 
+        config = source.config
+        if scheme.dtype == "fp16" and ("sliding_attention" in (config.get("layer_types") or [])
+                                       or (config.get("use_sliding_window") and config.get("sliding_window"))):
+            raise RecipeError(
+                f"{source.id}: onnx:fp16 with a KV cache: onnxruntime-genai's CPU float16 graph ignores the sliding "
+                "window once a prompt is longer than it (the logits go wrong); use fp32, int8 or int4, or --static-shapes"
+            )
         final = Path(out_dir) / f"{source.name}-onnx-{recipe.tag}"
         info: dict[str, Any] = {"kind": "decoder", "exporter": {"name": "onnxruntime-genai model builder",
                                                                "version": builder_version()}}
@@ -181,6 +204,8 @@ class OnnxFormat(Format):
                 extra["accuracy_level"] = opts["accuracy_level"]
             if scheme.algo == "kquant":
                 extra["algo_config"] = "k_quant"
+            if not opts.get("quantize_head", True):
+                extra["nodes_to_exclude"] = "/lm_head/MatMul"
         info["builder_options"] = {"precision": scheme.dtype, "execution_provider": "cpu", **extra}
         with atomic_dir(final) as tmp:
             with progress.task(f"onnx:{recipe.scheme}: building with onnxruntime-genai's model builder"):

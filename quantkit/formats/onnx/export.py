@@ -79,7 +79,7 @@ class TorchExporter(Exporter):
         try:
             model = loader.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
         except (KeyError, ValueError) as exc:
-            raise UnsupportedArchitectureError(f"{folder}: transformers cannot load it ({_first_line(exc)})") from exc
+            raise UnsupportedArchitectureError(f"{folder}: transformers does not support it ({_first_line(exc)[:200]})") from exc
         names = ["input_ids", "attention_mask"]
         if spec.kind == "encoder" and "token_type_ids" in _forward_args(model):
             names.append("token_type_ids")

@@ -94,13 +94,16 @@ class OnnxSessionInputs:
 
     inputs: tuple[_Input, ...]
     kv_dim: int | None = None  # the KV cache's head size where the graph leaves it symbolic
+    # onnxruntime-genai's sliding-window attention shares one preallocated past/present buffer
+    # and wants it at least a window long, even when empty (the mask says how much is used)
+    kv_window: int = 0
 
     @classmethod
-    def from_session(cls, session, kv_dim: int | None = None) -> OnnxSessionInputs:
-        return cls(tuple(_Input(i.name, tuple(i.shape), i.type) for i in session.get_inputs()), kv_dim)
+    def from_session(cls, session, kv_dim: int | None = None, kv_window: int = 0) -> OnnxSessionInputs:
+        return cls(tuple(_Input(i.name, tuple(i.shape), i.type) for i in session.get_inputs()), kv_dim, kv_window)
 
     @classmethod
-    def from_model_file(cls, path: Path, kv_dim: int | None = None) -> OnnxSessionInputs:
+    def from_model_file(cls, path: Path, kv_dim: int | None = None, kv_window: int = 0) -> OnnxSessionInputs:
         model = _load(path)
         weights = {t.name for t in model.graph.initializer}
         found = []
@@ -110,7 +113,7 @@ class OnnxSessionInputs:
             tt = value.type.tensor_type
             shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
             found.append(_Input(value.name, shape, _ONNX_ELEM.get(tt.elem_type, "tensor(float)")))
-        return cls(tuple(found), kv_dim)
+        return cls(tuple(found), kv_dim, kv_window)
 
     @property
     def names(self) -> set[str]:
@@ -147,6 +150,6 @@ class OnnxSessionInputs:
             head = p.shape[3] if isinstance(p.shape[3], int) else self.kv_dim
             if not isinstance(p.shape[1], int) or not isinstance(head, int):
                 raise InputError(f"{p.name}: the KV cache's shape {list(p.shape)} leaves heads or head size open")
-            shape = [1, p.shape[1], 0, head]
+            shape = [1, p.shape[1], max(self.kv_window, n) if self.kv_window else 0, head]
             feeds[p.name] = np.zeros(shape, dtype=_NP_TYPES.get(p.type, np.float32))
         return {k: v for k, v in feeds.items() if k in self.names}
