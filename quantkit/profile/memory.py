@@ -32,12 +32,14 @@ def kv_cache_bytes_per_token(desc: dict[str, int]) -> int:
     return 2 * desc["n_layers"] * desc["n_head_kv"] * desc["head_dim"] * per_element
 
 
-def predicted_terms(desc: dict[str, int], ctx: int, baseline_rss_bytes: int, ubatch: int = 512) -> dict[str, int]:
-    """Each term of the formula above, in bytes."""
+def predicted_terms(desc: dict[str, int], ctx: int, baseline_rss_bytes: int, ubatch: int = 512,
+                    prompt_tokens: int = 1) -> dict[str, int]:
+    """Each term of the formula above, in bytes. ``prompt_tokens``: the prompt of the run, for
+    runtimes whose prefill returns logits at every prompt position (``logits_every_position``)."""
     ubatch = min(ubatch, ctx)
     activations = ubatch * desc["n_embd"] * 4 * 8  # a handful of ubatch x n_embd float32 buffers
     scores = ubatch * ctx * 4 * max(1, desc.get("n_head", 1))
-    logits = desc["n_vocab"] * 4
+    logits = desc["n_vocab"] * 4 * (min(prompt_tokens, ctx) if desc.get("logits_every_position") else 1)
     return {
         "baseline_rss_bytes": int(baseline_rss_bytes),
         "load_transient_bytes": int(desc.get("load_transient_bytes", 0)),

@@ -59,6 +59,8 @@ class OnnxRuntime(HFTokenizerMixin):
     @staticmethod
     def import_library() -> None:
         import onnxruntime  # noqa: F401
+        import onnxruntime_genai  # noqa: F401
+        import torch  # noqa: F401  (transformers 5 imports it when it loads a tokenizer: ~190 MB)
         import transformers  # noqa: F401
 
     @property
@@ -177,17 +179,22 @@ class OnnxRuntime(HFTokenizerMixin):
         past = [t for name, t in graph["input_types"].items() if name.startswith("past_key_values.")]
         kv_bytes = int(element_bytes(past[0])) if past else 0  # the KV cache's element type
         sizes = config_sizes(config)
+        # weights in external data are mapped, not parsed: an embedding table read by Gather is
+        # resident only in the rows used (Gemma 3 270M int8: its 671 MB float32 table)
+        external = bool(graph.get("external_data"))
+        genai = read_genai_config(path.parent) is not None
         return {
             **sizes,
             "kind": kind,
-            "tensor_bytes": graph["weight_bytes"],
+            "tensor_bytes": graph["weight_bytes"] - (graph["embedding_bytes"] if external else 0),
+            # the builder's graphs return logits at every prompt position, held for the prefill
+            "logits_every_position": genai,
             "kv_bytes_per_element": kv_bytes if kind == "decoder" else 0,
             # decoding reads every weight once, except embedding tables (one row per token)
             "bytes_read_per_token": graph["weight_bytes"] - graph["embedding_bytes"],
             # ONNX Runtime parses the .onnx file into memory before it builds its own tensors
-            # (weights stored inline are held twice for a moment); external data files are read
-            # straight into the tensors
-            "load_transient_bytes": path.stat().st_size,
+            # (weights stored inline are held twice for a moment)
+            "load_transient_bytes": path.stat().st_size if not external else 0,
             "runtime_overhead_bytes": cls.tokenizer_bytes(path.parent),
             "linear_params": linear_params(sizes, int(config.get("intermediate_size") or 4 * sizes["n_embd"]), gated=kind == "decoder"),
             "max_ctx": config.get("max_position_embeddings"),

@@ -73,6 +73,8 @@ def summarize_model(path: Path) -> dict[str, Any]:
         "dynamic_inputs": sorted(name for name, shape in inputs.items() if any(isinstance(d, str) for d in shape)),
         "weight_bytes": sum(sizes.values()),
         "embedding_bytes": sum(sizes[name] for name in gathered),
+        # weights in a separate data file, which ONNX Runtime maps into memory instead of parsing
+        "external_data": any(t.data_location == 1 for t in graph.initializer),
     }
 
 

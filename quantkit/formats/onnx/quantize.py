@@ -38,9 +38,9 @@ QUANTIZED_OPS = ["MatMul", "Gemm"]
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the ONNX tools while they work (progress is quantkit's job): ONNX Runtime's
-    quantizers log every node and advise pre-processing on the root logger, optimum and the
-    torch exporter log and print at every step."""
-    names = ("", "optimum", "transformers", "torch.onnx", "onnxruntime")  # "" is the root logger
+    quantizers log every node and advise pre-processing on the root logger, the torch exporter and
+    onnxruntime-genai's builder log and print at every step."""
+    names = ("", "transformers", "torch.onnx", "torch.export", "onnxscript", "onnxruntime", "onnx_ir")  # "" is the root logger
     saved = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.ERROR)
