@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/host_estimate.py
 	$(BIN)/python benchmarks/quality_intervals.py
 	$(BIN)/python benchmarks/published_speeds.py
+	# GPTQModel in an environment of its own (.bench-envs/, torch 2.14.1): never in bench-quick
+	$(BIN)/python benchmarks/gptqmodel_check.py
 	$(BIN)/python benchmarks/readme.py
 
 # each script on the smallest setting, in a few minutes; results go to benchmarks/results/quick/

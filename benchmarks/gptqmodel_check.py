@@ -166,5 +166,9 @@ def table(result: dict) -> str:
     return out + "\n"
 
 
+def sections(result: dict) -> dict[str, str]:
+    return {"table": table(result)}
+
+
 if __name__ == "__main__":
     main()

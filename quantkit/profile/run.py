@@ -127,7 +127,7 @@ def profile_artifact(
         lat["measured"] = True
         report["latency"] = lat
         memory["peak_rss_bytes"] = measured_mem["peak_rss_bytes"]
-        terms = predicted_terms(desc, ctx, measured_mem["baseline_rss_bytes"], prompt_tokens=lat["prompt_tokens"])
+        terms = predicted_terms(desc, ctx, measured_mem["baseline_rss_bytes"], prompt_tokens=lat.get("prompt_tokens", 1))
         memory["predicted_peak_bytes"] = sum(terms.values())
         memory["predicted_terms"] = terms
         memory["predicted_error_pct"] = 100.0 * (memory["predicted_peak_bytes"] - memory["peak_rss_bytes"]) / memory["peak_rss_bytes"]

@@ -7,10 +7,11 @@ embedding as ``GatherBlockQuantized``), each folder with the ``genai_config.json
 and an algorithm suffix: none for round to nearest, ``-kquant`` for the builder's k-quant search,
 ``-gptq`` for quantkit's own GPTQ checkpoint turned into ``MatMulNBits`` as it is (default blocks
 of 128, calibrated on the same text mix as ``gptq:``). ``accuracy_level`` (0-4) is the
-``MatMulNBits`` compute type (4: int8 activations, the builder's CPU default); the output head
-is quantized too unless ``quantize_head`` is false (GPTQ itself leaves it in float: with
-``quantize_head=false`` and ``accuracy_level=1``, ``int4-gptq`` computes what the GPTQ checkpoint
-computes).
+``MatMulNBits`` compute type (4: int8 activations, the builder's CPU default). ``head`` sets the
+output head (and a tied embedding): ``same`` bits as the recipe, ``int8`` or ``float``; ``-gptq``
+defaults to ``int8`` (GPTQ never quantizes the head; on Gemma 3 a 4-bit round-to-nearest head
+costs more than GPTQ saves), the rest to ``same``. With ``head=float`` and ``accuracy_level=1``,
+``int4-gptq`` computes what the GPTQ checkpoint computes.
 
 Encoders, decoders with ``static_shapes`` (batch 1, every sequence dimension fixed to
 ``static_seqlen``, no KV cache: what Ascend's ATC and similar compilers need) and ``int8-static``
@@ -49,8 +50,9 @@ OPTIONS: dict[str, Option] = {
     "static_seqlen": Option(512, "int", minimum=8),
     "opset": Option(None, "int", minimum=11),  # torch.onnx exports: default 18
     "accuracy_level": Option(None, "int", minimum=0),  # MatMulNBits compute type, 0-4
-    # int4/int8 decoders: the output head in the recipe's bits too (false: float, as GPTQ leaves it)
-    "quantize_head": Option(True, "bool"),
+    # int4/int8 decoders: the output head (and a tied embedding) in the recipe's bits ("same"), in
+    # int8, or float (as GPTQ leaves it); default: int8 for -gptq, else same
+    "head": Option(None, "choice", choices=lambda: ("same", "int8", "float")),
     # calibration of int8-static and int4-gptq (the same text mix as GPTQ, disjoint from the evaluation text)
     **calibration_options(samples=16, seqlen=256),
 }
@@ -85,7 +87,9 @@ def _recipe_options(scheme: OnnxScheme, options: Mapping[str, Any]) -> tuple[tup
     if values["accuracy_level"] is not None and values["accuracy_level"] > 4:
         raise RecipeError(f"ONNX option accuracy_level={values['accuracy_level']}: expected 0 to 4")
     if scheme.dtype not in ("int4", "int8"):
-        del values["accuracy_level"], values["quantize_head"]
+        del values["accuracy_level"], values["head"]
+    elif values["head"] is None:
+        values["head"] = "int8" if scheme.algo == "gptq" else "same"
     if not scheme.calibrated:
         values = {k: v for k, v in values.items() if k not in CALIBRATION_OPTION_NAMES}
     elif values["static_shapes"] and scheme.dtype == "int8-static":
@@ -204,8 +208,13 @@ class OnnxFormat(Format):
                 extra["accuracy_level"] = opts["accuracy_level"]
             if scheme.algo == "kquant":
                 extra["algo_config"] = "k_quant"
-            if not opts.get("quantize_head", True):
+            if opts.get("head") == "float":
                 extra["nodes_to_exclude"] = "/lm_head/MatMul"
+            elif opts.get("head") == "int8" and scheme.dtype == "int4":
+                # the builder's mixed precision breaks a tied head (its GatherBlockQuantized names a
+                # weight it never writes): the embedding then stays a separate float table
+                extra["matmul_mixed_precision"] = "last_matmul:int8"
+                extra["shared_embeddings"] = "false"
         info["builder_options"] = {"precision": scheme.dtype, "execution_provider": "cpu", **extra}
         with atomic_dir(final) as tmp:
             with progress.task(f"onnx:{recipe.scheme}: building with onnxruntime-genai's model builder"):
