@@ -149,6 +149,10 @@ def onnx_table(result: dict) -> str:
              _kld(r["kld_mean"]), f"{r['top1_agreement']:.3f}"] for r in _rows(result, ONNX_SET)]
     table = markdown_table(["recipe", "runtime", "file", "decode tok/s", "prefill tok/s", "TTFT", "peak RSS", "KLD mean", "top-1"], rows)
     by = {r["recipe"]: r for r in result["rows"]}
+    groups = {tuple(r["convert"]["group"]): r["convert"] for r in _rows(result, ONNX_SET) if len(r["convert"]["group"]) > 1}
+    for group, c in groups.items():
+        table += (f"\nConverting {', '.join(f'`{g}`' for g in group)} together (one process): "
+                  f"{c['wall_s']:.0f} s, peak RSS {c['peak_rss_bytes'] / 1e6:,.0f} MB.\n")
     onnx = [r for r in _rows(result, ONNX_SET) if r["recipe"].startswith("onnx:")]
     if onnx:
         table += "\nConverting (one process each): " + "; ".join(

@@ -39,15 +39,18 @@ WORKER = Path(__file__).with_name("_gptqmodel_worker.py")
 
 def ensure_env(env: Path) -> dict:
     """The GPTQModel environment; returns how long making it took (0 when it existed)."""
-    python = env / "bin" / "python"
+    python, record = env / "bin" / "python", env / "quantkit-install.json"
     if python.is_file() and subprocess.run([str(python), "-c", "import gptqmodel"], capture_output=True).returncode == 0:
-        return {"created": False}
+        made = json.loads(record.read_text()) if record.is_file() else {}
+        return {"created": False, **made}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
     for spec in (TORCH, GPTQMODEL):
         print(f"installing {spec} into {env} ...", flush=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", spec], check=True)
-    return {"created": True, "install_s": time.perf_counter() - start, "packages": [TORCH, GPTQMODEL]}
+    made = {"install_s": time.perf_counter() - start, "packages": [TORCH, GPTQMODEL], "made_on": time.strftime("%Y-%m-%d")}
+    record.write_text(json.dumps(made))
+    return {"created": True, **made}
 
 
 def log_softmax(x):
@@ -95,7 +98,7 @@ def main() -> None:
     python = str(args.env / "bin" / "python")
     versions = subprocess.run([python, "-c", "import torch, gptqmodel, transformers; print(torch.__version__, "
                                "gptqmodel.__version__, transformers.__version__)"], capture_output=True, text=True, check=True)
-    torch_v, gptqmodel_v, transformers_v = versions.stdout.split()
+    torch_v, gptqmodel_v, transformers_v = versions.stdout.strip().splitlines()[-1].split()  # after GPTQModel's banner
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     source = default_model_dir()
@@ -161,8 +164,8 @@ def table(result: dict) -> str:
             f"checkpoint on the CPU: mean KLD {c['kld_mean']:.1e} against quantkit's GPTQ runtime over {c['tokens']} tokens "
             f"(top-1 {c['top1_agreement']:.3f}). Calibration: the same {result['calibration']['samples']} windows of "
             f"{result['calibration']['seqlen']} tokens for both.")
-    if env.get("created"):
-        out += f" Making GPTQModel's environment took {env['install_s']:.0f} s."
+    if env.get("install_s"):
+        out += f" Making GPTQModel's environment (`pip install {' '.join(env['packages'])}`) took {env['install_s']:.0f} s."
     return out + "\n"
 
 

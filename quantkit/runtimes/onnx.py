@@ -187,6 +187,8 @@ class OnnxRuntime(HFTokenizerMixin):
             **sizes,
             "kind": kind,
             "tensor_bytes": graph["weight_bytes"] - (graph["embedding_bytes"] if external else 0),
+            # mapped pages stay resident beside the packed copies the CPU kernels make of them
+            "repack_bytes": graph.get("packed_weight_bytes", 0) if external else 0,
             # the builder's graphs return logits at every prompt position, held for the prefill
             "logits_every_position": genai,
             "kv_bytes_per_element": kv_bytes if kind == "decoder" else 0,
