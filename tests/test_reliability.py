@@ -310,3 +310,22 @@ def test_bad_inputs_table_each_exit_2_one_line(good_artifact, good_report, tmp_p
         if code != 2 or len(err) != 1 or (expected and expected not in err[0]):
             failures.append((name, code, err))
     assert failures == []
+
+
+def test_vocabulary_without_byte_tokens_is_refused_before_llama_cpp_sees_it(tiny_copy, tmp_path, capsys):
+    """A byte-fallback vocabulary lacking a <0xNN> token: llama.cpp's tokenizer looks bytes up
+    with unordered_map::at and the uncaught exception aborts the process (seen with a tokenizer
+    transformers 5 converted badly). quantkit refuses it in one line, writing nothing."""
+    folder = tiny_copy("llama")
+    (folder / "tokenizer.model").unlink(missing_ok=True)  # the vocabulary comes from tokenizer.json
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["<0xE6>-gone"] = vocab.pop("<0xE6>")  # same ids; byte 0xE6 (starts many CJK characters) has no token
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    out = tmp_path / "out"
+    with pytest.raises(TokenizerError, match="no token for 1 of the 256 bytes"):
+        convert(folder, ["gguf:f16"], out, verify=False)
+    capsys.readouterr()  # the fixture's own progress bars
+    assert main(["-q", "convert", str(folder), "--to", "gguf:f16", "-o", str(out)]) == 2
+    assert "0xE6" in _one_error_line(capsys)
+    assert _left_behind(out) == []
