@@ -292,10 +292,19 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second signal while the first one's cleanup ran: still exit 130
+        code = 130
+    if code == 130:
+        # interrupted and cleaned up: a signal during interpreter shutdown must not turn exit 130
+        # into death by SIGINT (seen once in CI: "interrupted" printed, then returncode -2)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

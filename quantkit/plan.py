@@ -36,7 +36,8 @@ class Candidate:
 
 
 # bits per weight: llama.cpp's own figures for its types; GPTQ 4 bits + fp16 scale/zero per group
-# of 128 (+0.25); ONNX MatMulNBits blocks of 32 (+0.5)
+# of 128 (+0.25); ONNX MatMulNBits blocks of 32 with float32 scales (+1, onnxruntime-genai's
+# builder), whose int8 keeps the embedding table float32
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("gguf:q8_0", 8.5, 8.5, ("q8_0",)),
     Candidate("gguf:q6_k", 6.56, 6.56, ("q6_k",)),
@@ -47,8 +48,9 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("gguf:f16", 16.0, 16.0, ("f16",)),
     Candidate("gptq:w4g128", 4.25, 16.0),
     Candidate("gptq:w8g128", 8.25, 16.0),
-    Candidate("onnx:int8", 8.0, 8.0, (), ("ai.onnx::MatMulInteger", "ai.onnx::DynamicQuantizeLinear")),
-    Candidate("onnx:int4", 4.5, 4.5, (), ("com.microsoft::MatMulNBits", "com.microsoft::GatherBlockQuantized")),
+    Candidate("onnx:int8", 9.0, 32.0, (), ("com.microsoft::MatMulNBits", "com.microsoft::GroupQueryAttention")),
+    Candidate("onnx:int4", 5.0, 5.0, (), ("com.microsoft::MatMulNBits", "com.microsoft::GatherBlockQuantized",
+                                         "com.microsoft::GroupQueryAttention")),
     Candidate("onnx:int8-static", 8.0, 32.0, (), ("ai.onnx::QuantizeLinear", "ai.onnx::DequantizeLinear")),
     Candidate("onnx:fp16", 16.0, 16.0, (), ("ai.onnx::MatMul",)),
 )
