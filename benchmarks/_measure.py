@@ -32,6 +32,24 @@ def measure(cmd: list[str], cwd: Path) -> tuple[float, int]:
     return elapsed, int(peak)
 
 
+def cached_embedded_artifact(folder: Path) -> bool:
+    """Whether a cached artifact of the embedded model under out/bench can be reused: False (and
+    the folder removed) when it was built from an older embedded checkpoint."""
+    import json
+    import shutil
+
+    from quantkit.source import resolve_source
+
+    if not folder.is_dir():
+        return False
+    manifest = folder / "manifest.json"
+    recorded = json.loads(manifest.read_text()).get("source", {}).get("fingerprint") if manifest.is_file() else None
+    if recorded == resolve_source(None).fingerprint:
+        return True
+    shutil.rmtree(folder)
+    return False
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import markdown_table, write_results  # noqa: E402
+from _measure import cached_embedded_artifact, markdown_table, write_results  # noqa: E402
 
 from quantkit.api import convert, profile  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
     arts = {}
     for scheme in ("q8_0", "q4_k_m"):
         arts[scheme] = out / f"gemma-3-270m-{scheme}"
-        if not arts[scheme].is_dir():
+        if not cached_embedded_artifact(arts[scheme]):
             convert(None, [f"gguf:{scheme}"], out, verify=False)
     calibration = out / "host-estimate-q8_0.json"
     base = profile(arts["q8_0"], quality=False, profiles=["host"], threads=args.threads)

@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import markdown_table, spread, timing, write_results  # noqa: E402
+from _measure import cached_embedded_artifact, markdown_table, spread, timing, write_results  # noqa: E402
 
 from quantkit.api import convert, profile  # noqa: E402
 from quantkit.profile.corpus import load_eval_data  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     model_dir = args.model
     if model_dir is None:
         model_dir = REPO / "out" / "bench" / "gemma-3-270m-q4_k_m"
-        if not model_dir.is_dir():
+        if not cached_embedded_artifact(model_dir):
             convert(None, ["gguf:q4_k_m"], model_dir.parent, verify=False)
     _fmt, gguf_file, _ = locate_artifact(model_dir)
     eval_data = ["code"]  # the stdlib code domain: long enough for many windows on every machine

@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import markdown_table, write_results  # noqa: E402
+from _measure import cached_embedded_artifact, markdown_table, write_results  # noqa: E402
 
 from quantkit.api import convert, profile  # noqa: E402
 
@@ -41,7 +41,7 @@ def main() -> None:
     rows, reports = [], {}
     for scheme in SCHEMES:
         art = out / f"gemma-3-270m-{scheme}"
-        if not art.is_dir():
+        if not cached_embedded_artifact(art):
             convert(None, [f"gguf:{scheme}"], out, verify=False)
         start = time.perf_counter()
         report = profile(art, latency=False, threads=args.threads, chunks=2 if args.quick else None)
