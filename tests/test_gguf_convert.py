@@ -129,3 +129,32 @@ def test_full_disk_is_one_line_error(tiny_model, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and "No space left on device" in err and err.count("\n") == 1
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_rope_settings_read_from_either_config_layout():
+    """transformers 4 wrote rope_theta / rope_scaling / rope_local_base_freq at the top level;
+    transformers 5 writes rope_parameters, flat or keyed by layer type (Gemma 3)."""
+    from quantkit.source import rope_parameters
+
+    v4_llama3 = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    v5_llama3 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
+    assert rope_parameters(v4_llama3) == rope_parameters(v5_llama3) == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    v4_gemma3 = {"rope_theta": 1e6, "rope_local_base_freq": 10000.0, "rope_scaling": None}
+    v5_gemma3 = {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
+    for layer, theta in (("full_attention", 1e6), ("sliding_attention", 10000.0)):
+        assert rope_parameters(v4_gemma3, layer) == rope_parameters(v5_gemma3, layer) == {"rope_type": "default", "rope_theta": theta}
+    assert rope_parameters({}) == {"rope_type": "default", "rope_theta": 10000.0}
+    assert rope_parameters({"rope_scaling": {"type": "linear", "factor": 2.0}})["rope_type"] == "linear"  # old key name
+
+
+def test_builder_gets_flat_rope_settings_from_a_transformers_5_gemma3_config():
+    from transformers import Gemma3TextConfig
+
+    from quantkit.formats.onnx.builder import adapt_config
+
+    config = Gemma3TextConfig(rope_theta=1e6, rope_local_base_freq=10000.0)
+    assert "full_attention" in config.rope_parameters  # the per-layer-type layout the builder cannot read
+    assert adapt_config(config)
+    assert config.rope_theta == 1e6 and config.rope_local_base_freq == 10000.0
+    assert config.rope_parameters["rope_type"] == "default" and config.rope_parameters["rope_theta"] == 1e6
