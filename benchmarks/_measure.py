@@ -4,6 +4,7 @@ and Markdown tables (the same text is printed and, through benchmarks/readme.py,
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -32,19 +33,24 @@ def measure(cmd: list[str], cwd: Path) -> tuple[float, int]:
     return elapsed, int(peak)
 
 
+@functools.cache
+def _embedded_fingerprint() -> str:
+    from quantkit.source import resolve_source
+
+    return resolve_source(None).fingerprint  # hashes the checkpoint's files: once per process
+
+
 def cached_embedded_artifact(folder: Path) -> bool:
     """Whether a cached artifact of the embedded model under out/bench can be reused: False (and
     the folder removed) when it was built from an older embedded checkpoint."""
     import json
     import shutil
 
-    from quantkit.source import resolve_source
-
     if not folder.is_dir():
         return False
     manifest = folder / "manifest.json"
     recorded = json.loads(manifest.read_text()).get("source", {}).get("fingerprint") if manifest.is_file() else None
-    if recorded == resolve_source(None).fingerprint:
+    if recorded == _embedded_fingerprint():
         return True
     shutil.rmtree(folder)
     return False

@@ -99,7 +99,7 @@ def main() -> None:
     versions = subprocess.run([python, "-c", "import torch, gptqmodel, transformers; print(torch.__version__, "
                                "gptqmodel.__version__, transformers.__version__)"], capture_output=True, text=True, check=True)
     torch_v, gptqmodel_v, transformers_v = versions.stdout.strip().splitlines()[-1].split()  # after GPTQModel's banner
-    work = args.work
+    work = args.work.resolve()  # the GPTQModel worker runs inside it
     work.mkdir(parents=True, exist_ok=True)
     source = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -121,15 +121,16 @@ def main() -> None:
     print(f"  {ours[0]:.0f} s, {ours[1] / 1e6:,.0f} MB", flush=True)
 
     theirs_dir = work / "gptqmodel-w4g128"
+    # GPTQModel writes logs/ into its working directory: the work folder, not the repository
     print("GPTQModel: quantize w4g128 ...", flush=True)
-    theirs = measure([python, str(WORKER), "quantize", str(source), str(work / "calibration.json"), str(theirs_dir)], REPO)
+    theirs = measure([python, str(WORKER), "quantize", str(source), str(work / "calibration.json"), str(theirs_dir)], work)
     print(f"  {theirs[0]:.0f} s, {theirs[1] / 1e6:,.0f} MB", flush=True)
 
     print("GPTQModel: loading both checkpoints ...", flush=True)
     loaded = {}
     for label, ckpt in (("quantkit", ours_ckpt), ("gptqmodel", theirs_dir)):
         out = work / f"logits-{label}.npy"
-        wall, peak = measure([python, str(WORKER), "logits", str(ckpt), str(work / "eval.json"), str(out)], REPO)
+        wall, peak = measure([python, str(WORKER), "logits", str(ckpt), str(work / "eval.json"), str(out)], work)
         loaded[label] = {"wall_s": wall, "peak_rss_bytes": peak, "logits": np.load(out).astype(np.float32)}
 
     float_logits = runtime_logits(TorchReference(source), eval_windows)

@@ -81,10 +81,7 @@ def convert(
     checker = None
     if verify:
         reference = Reference(src.path, threads=threads, allow_pickle=src.weight_format == "pickle") if src.kind == "hf" else None
-        # a document's leading whitespace is layout, and tokenizers disagree on it: SentencePiece
-        # and llama.cpp put a dummy-prefix '▁' before a leading space ('▁▁第'), transformers 5's
-        # Metaspace(prepend_scheme='first') does not ('▁第')
-        texts = {name: text.lstrip() for name, text in (verify_texts or default_texts()).items()}
+        texts = verify_texts or default_texts()
 
         def checker(artifact: Artifact) -> dict:
             scheme = artifact.manifest["recipe"]["scheme"]

@@ -100,6 +100,10 @@ def verify_artifact(
     threads: int | None = None,
 ) -> dict:
     """Verify one artifact; raise VerificationError on a failed check, return the figures."""
+    # a document's leading whitespace is layout, and tokenizers disagree on it: SentencePiece and
+    # llama.cpp put a dummy-prefix '▁' before a leading space ('▁▁第'), transformers 5's
+    # Metaspace(prepend_scheme='first') does not ('▁第')
+    texts = {name: text.lstrip() for name, text in texts.items()}
     runtime_cls = get_runtime(artifact.manifest["recipe"]["format"])
     runtime = runtime_cls(artifact.main_file, n_ctx=ctx, threads=threads)
     result: dict = {"tokenization": {}, "kld_limit": kld_limit}

@@ -36,7 +36,7 @@ def read_texts(paths: list[str | Path]) -> dict[str, str]:
     texts = {}
     for p in map(Path, paths):
         try:
-            texts[p.stem] = p.read_text(encoding="utf-8").lstrip()  # see api.convert: leading space is layout
+            texts[p.stem] = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{p}: cannot read evaluation text ({exc})") from exc
     return texts

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..formats.onnx.export import first_line
 from ..formats.onnx.graph import OnnxSessionInputs, element_bytes, summarize_model
 from . import register_runtime
 from .hf import HFTokenizerMixin, config_sizes, linear_params, read_config
@@ -43,11 +44,14 @@ class OnnxRuntime(HFTokenizerMixin):
         self.threads = threads
         self.genai = read_genai_config(self.path.parent)
         decoder = (self.genai or {}).get("model", {}).get("decoder", {})
-        window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
-        if not (self.genai or {}).get("search", {}).get("past_present_share_buffer"):
-            window = 0  # separate past and present tensors: an empty past is empty
-        self.inputs = OnnxSessionInputs.from_model_file(self.path, kv_dim=decoder.get("head_size"), kv_window=window)
-        self.outputs = list(summarize_model(self.path)["outputs"])
+        self.sliding_window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
+        # a shared past/present buffer must be a window long even when empty; separate past and
+        # present tensors: an empty past is empty
+        shared = (self.genai or {}).get("search", {}).get("past_present_share_buffer")
+        graph = summarize_model(self.path)
+        self.inputs = OnnxSessionInputs.from_summary(graph, kv_dim=decoder.get("head_size"),
+                                                     kv_window=self.sliding_window if shared else 0)
+        self.outputs = list(graph["outputs"])
         self.present = [o for o in self.outputs if o.startswith("present.")]  # KV-cache outputs
         self.kind = "decoder" if "logits" in self.outputs else "encoder"
         self.n_ctx = n_ctx
@@ -112,11 +116,9 @@ class OnnxRuntime(HFTokenizerMixin):
                 config.overlay(json.dumps({"model": {"decoder": {"session_options": {
                     "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
             self._generator_model = og.Model(config)
-        decoder = self.genai["model"]["decoder"]
-        window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
         params = og.GeneratorParams(self._generator_model)
         # the generator refuses a max_length below the sliding window of models that have one
-        params.set_search_options(max_length=max(len(prompt) + n_generate + 2, window), do_sample=False)
+        params.set_search_options(max_length=max(len(prompt) + n_generate + 2, self.sliding_window), do_sample=False)
         generator = og.Generator(self._generator_model, params)
         start = time.perf_counter()
         generator.append_tokens(prompt)
@@ -234,7 +236,7 @@ def _session(path: Path, threads: int | None, providers: list[str]):
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/... types
-        detail = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        detail = first_line(exc)
         raise InputError(f"{path}: ONNX Runtime cannot load the model ({detail})") from exc
 
 

@@ -23,7 +23,6 @@ Encoders, decoders with ``static_shapes`` (batch 1, every sequence dimension fix
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +185,6 @@ class OnnxFormat(Format):
         """A decoder with a KV cache, built by onnxruntime-genai's model builder."""
         from .builder import build_decoder, builder_version
         from .export import copy_model_files
-        from .graph import summarize_model
 
         config = source.config
         if scheme.dtype == "fp16" and ("sliding_attention" in (config.get("layer_types") or [])
@@ -220,17 +218,7 @@ class OnnxFormat(Format):
             with progress.task(f"onnx:{recipe.scheme}: building with onnxruntime-genai's model builder"):
                 info["builder"] = build_decoder(model_dir, tmp, scheme.dtype, extra, work / "builder-cache")
             copy_model_files(source.path, tmp)  # the source's own tokenizer and config, as verified
-            for written in tmp.rglob("*"):
-                if written.is_file():
-                    written.chmod(0o644)
-            target = tmp / MODEL_NAME
-            info["graph"] = summarize_model(target)
-            if options.verify:
-                provisional = Artifact(tmp, target, {"recipe": recipe.to_dict(), "main_file": MODEL_NAME})
-                info["verification"] = options.verify(provisional)
-            manifest = write_manifest(
-                tmp, recipe=recipe.to_dict(), source=source.to_manifest(), details=info, main_file=MODEL_NAME
-            )
+            manifest = _finish(tmp, source, recipe, info, options)
         return Artifact(final, final / MODEL_NAME, manifest)
 
     def _gptq_checkpoint(self, source, scheme: OnnxScheme, opts, work: Path, options, progress) -> tuple[Path, dict]:
@@ -242,23 +230,21 @@ class OnnxFormat(Format):
         recipe = gptq.parse_recipe(f"w4g{scheme.block_size}", {k: opts[k] for k in CALIBRATION_OPTION_NAMES})
         sub = ConvertOptions(threads=options.threads, progress=progress, verify=None)
         [artifact] = gptq.convert(source, [recipe], work / "gptq", sub)
-        details = artifact.manifest.get("details", {})
-        return artifact.path, {"recipe": recipe.to_dict(), **{k: details[k] for k in ("calibration",) if k in details}}
+        info = {"recipe": recipe.to_dict()}
+        if "calibration" in artifact.manifest.get("details", {}):
+            info["calibration"] = artifact.manifest["details"]["calibration"]
+        return artifact.path, info
 
     def _derive(self, source, recipe, fp32_model: Path, kind, out_dir, options, progress) -> Artifact:
         from . import quantize
-        from .export import TorchExporter
-        from .graph import summarize_model
+        from .export import TorchExporter, copy_model_files
 
         scheme = parse_scheme(recipe.scheme)
         opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
         final = Path(out_dir) / f"{source.name}-onnx-{recipe.tag}{'-static' if opts['static_shapes'] else ''}"
         info: dict[str, Any] = {"kind": kind, "exporter": {"name": TorchExporter.name, "version": TorchExporter().version()}}
         with atomic_dir(final) as tmp:
-            for extra in sorted(fp32_model.parent.rglob("*")):  # configs, tokenizer, pooling files
-                if extra.is_file() and not extra.name.startswith(MODEL_NAME):
-                    (tmp / extra.relative_to(fp32_model.parent)).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(extra, tmp / extra.relative_to(fp32_model.parent))
+            copy_model_files(fp32_model.parent, tmp)  # configs, tokenizer, pooling files
             target = tmp / MODEL_NAME
             with progress.task(f"onnx:{recipe.scheme}: quantizing"):
                 if scheme.dtype == "fp32":
@@ -273,16 +259,24 @@ class OnnxFormat(Format):
                 else:
                     level = opts.get("accuracy_level")
                     quantize.int4_weight_only(fp32_model, target, scheme.block_size, scheme.algo, 4 if level is None else level)
-            for written in tmp.glob(MODEL_NAME + "*"):  # ONNX Runtime writes external data as 0600
-                written.chmod(0o644)
-            info["graph"] = summarize_model(target)
-            if options.verify:
-                provisional = Artifact(tmp, target, {"recipe": recipe.to_dict(), "main_file": MODEL_NAME})
-                info["verification"] = options.verify(provisional)
-            manifest = write_manifest(
-                tmp, recipe=recipe.to_dict(), source=source.to_manifest(), details=info, main_file=MODEL_NAME
-            )
+            manifest = _finish(tmp, source, recipe, info, options)
         return Artifact(final, final / MODEL_NAME, manifest)
+
+
+def _finish(tmp: Path, source: Source, recipe: Recipe, info: dict[str, Any], options: ConvertOptions) -> dict:
+    """The last steps of every ONNX artifact in its unfinished folder: readable files, the graph
+    summary, verification, the manifest."""
+    from .graph import summarize_model
+
+    for written in tmp.rglob("*"):  # ONNX Runtime and the builder write some files as 0600
+        if written.is_file():
+            written.chmod(0o644)
+    target = tmp / MODEL_NAME
+    info["graph"] = summarize_model(target)
+    if options.verify:
+        provisional = Artifact(tmp, target, {"recipe": recipe.to_dict(), "main_file": MODEL_NAME})
+        info["verification"] = options.verify(provisional)
+    return write_manifest(tmp, recipe=recipe.to_dict(), source=source.to_manifest(), details=info, main_file=MODEL_NAME)
 
 
 def _load(path: Path):

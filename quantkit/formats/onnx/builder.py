@@ -50,9 +50,9 @@ def adapt_config(config) -> list[str]:
     from ...source import rope_parameters
 
     changed = []
-    raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
     nested = getattr(config, "rope_parameters", None)
     if isinstance(nested, dict) and nested and all(isinstance(v, dict) for v in nested.values()):
+        raw = config.to_dict()
         full, local = rope_parameters(raw, "full_attention"), rope_parameters(raw, "sliding_attention")
         config.rope_theta = full["rope_theta"]
         config.rope_local_base_freq = local["rope_theta"]
@@ -63,6 +63,7 @@ def adapt_config(config) -> list[str]:
 
 def build_in_child(args: dict, reporter) -> dict:
     """The child's side of :func:`build_decoder`."""
+    from .export import first_line
     from .quantize import quiet
 
     try:
@@ -75,21 +76,16 @@ def build_in_child(args: dict, reporter) -> dict:
         try:
             prepared = builder.parse_extra_options(None, folder, out, precision, "cpu", cache, options)
         except (KeyError, ValueError, OSError) as exc:
-            raise UnsupportedArchitectureError(f"{folder}: the model builder cannot read it ({_first_line(exc)})") from exc
+            raise UnsupportedArchitectureError(f"{folder}: the model builder cannot read it ({first_line(exc)})") from exc
         config = prepared["hf_details"]["hf_config"]
         changed = adapt_config(config)
         try:
             builder.create_model(None, folder, out, precision, "cpu", cache, **prepared)
         except NotImplementedError as exc:
             raise UnsupportedArchitectureError(
-                f"{folder}: onnxruntime-genai's builder does not support it ({_first_line(exc)})") from exc
+                f"{folder}: onnxruntime-genai's builder does not support it ({first_line(exc)})") from exc
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
-            raise ConversionError(f"{folder}: onnxruntime-genai's builder failed ({_first_line(exc)})") from exc
+            raise ConversionError(f"{folder}: onnxruntime-genai's builder failed ({first_line(exc)})") from exc
     if not (Path(out) / "genai_config.json").is_file():
         raise ConversionError(f"{folder}: the model builder wrote no genai_config.json")
     return {"config_adapted": changed, "architecture": (getattr(config, "architectures", None) or ["?"])[0]}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else exc.__class__.__name__)[:200]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from ...errors import ConversionError, UnsupportedArchitectureError
 
-__all__ = ["EXPORTERS", "ExportSpec", "Exporter", "TorchExporter", "model_kind", "copy_model_files",
+__all__ = ["ExportSpec", "Exporter", "TorchExporter", "model_kind", "copy_model_files", "first_line",
            "ENCODER_FILES", "DEFAULT_OPSET"]
 
 # sentence-transformers files that say how token states become one embedding (copied as is)
@@ -23,8 +23,6 @@ ENCODER_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_t
                  "1_Pooling/config.json")
 # the opset the dynamo exporter writes natively (older ones go through its version converter)
 DEFAULT_OPSET = 18
-# encoders: token type ids when the model has them
-_ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class TorchExporter(Exporter):
         try:
             model = loader.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
         except (KeyError, ValueError) as exc:
-            raise UnsupportedArchitectureError(f"{folder}: transformers does not support it ({_first_line(exc)[:200]})") from exc
+            raise UnsupportedArchitectureError(f"{folder}: transformers does not support it ({first_line(exc)})") from exc
         names = ["input_ids", "attention_mask"]
         if spec.kind == "encoder" and "token_type_ids" in _forward_args(model):
             names.append("token_type_ids")
@@ -102,7 +100,7 @@ class TorchExporter(Exporter):
                 )
                 program.save(str(target), external_data=weights > EXTERNAL_DATA_ABOVE)
         except Exception as exc:  # torch.export raises many kinds for code it cannot trace
-            raise ConversionError(f"{folder}: torch.onnx could not export it ({_first_line(exc)[:200]})") from exc
+            raise ConversionError(f"{folder}: torch.onnx could not export it ({first_line(exc)})") from exc
         copy_model_files(folder, out)
         return target
 
@@ -145,9 +143,7 @@ def _forward_args(model) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line (its class name when it has no text), for one-line errors."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
-
-
-EXPORTERS: dict[str, Exporter] = {TorchExporter.name: TorchExporter()}
+    return (text.splitlines()[0] if text else exc.__class__.__name__)[:limit]

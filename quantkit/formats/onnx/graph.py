@@ -107,21 +107,15 @@ class OnnxSessionInputs:
     kv_window: int = 0
 
     @classmethod
-    def from_session(cls, session, kv_dim: int | None = None, kv_window: int = 0) -> OnnxSessionInputs:
-        return cls(tuple(_Input(i.name, tuple(i.shape), i.type) for i in session.get_inputs()), kv_dim, kv_window)
+    def from_summary(cls, summary: dict[str, Any], kv_dim: int | None = None, kv_window: int = 0) -> OnnxSessionInputs:
+        """From :func:`summarize_model`'s ``inputs`` and ``input_types``."""
+        types = summary["input_types"]
+        return cls(tuple(_Input(name, tuple(shape), _ONNX_ELEM.get(types[name], "tensor(float)"))
+                         for name, shape in summary["inputs"].items()), kv_dim, kv_window)
 
     @classmethod
-    def from_model_file(cls, path: Path, kv_dim: int | None = None, kv_window: int = 0) -> OnnxSessionInputs:
-        model = _load(path)
-        weights = {t.name for t in model.graph.initializer}
-        found = []
-        for value in model.graph.input:
-            if value.name in weights:
-                continue
-            tt = value.type.tensor_type
-            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
-            found.append(_Input(value.name, shape, _ONNX_ELEM.get(tt.elem_type, "tensor(float)")))
-        return cls(tuple(found), kv_dim, kv_window)
+    def from_model_file(cls, path: Path) -> OnnxSessionInputs:
+        return cls.from_summary(summarize_model(path))
 
     @property
     def names(self) -> set[str]:
