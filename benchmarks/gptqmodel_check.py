@@ -93,6 +93,7 @@ def main() -> None:
     from quantkit.profile.corpus import default_texts
     from quantkit.runtimes import get_runtime
     from quantkit.runtimes.torch import TorchReference
+    from quantkit.source import resolve_source
 
     env_info = ensure_env(args.env)
     python = str(args.env / "bin" / "python")
@@ -133,7 +134,7 @@ def main() -> None:
         wall, peak = measure([python, str(WORKER), "logits", str(ckpt), str(work / "eval.json"), str(out)], work)
         loaded[label] = {"wall_s": wall, "peak_rss_bytes": peak, "logits": np.load(out).astype(np.float32)}
 
-    float_logits = runtime_logits(TorchReference(source), eval_windows)
+    float_logits = np.concatenate(list(TorchReference(resolve_source(str(source))).logits(eval_windows)))
     our_runtime = get_runtime("gptq")(ours_ckpt / "model.safetensors", n_ctx=args.seqlen)
     our_logits = runtime_logits(our_runtime, eval_windows)
     our_runtime.close()

@@ -78,9 +78,9 @@ def convert(
     _check_options_used(recipes, recipe_options)
     src = resolve_source(source, allow_pickle=allow_pickle)
     progress = progress or Progress(False)
-    checker = None
+    checker, reference = None, None
     if verify:
-        reference = Reference(src.path, threads=threads, allow_pickle=src.weight_format == "pickle") if src.kind == "hf" else None
+        reference = Reference(src, threads=threads) if src.kind == "hf" else None
         texts = verify_texts or default_texts()
 
         def checker(artifact: Artifact) -> dict:
@@ -101,8 +101,12 @@ def convert(
     by_format: dict[str, list[Recipe]] = {}
     for recipe in recipes:
         by_format.setdefault(recipe.format, []).append(recipe)
-    for fmt, group in by_format.items():
-        result.artifacts += get_format(fmt).convert(src, group, Path(out_dir), options)
+    try:
+        for fmt, group in by_format.items():
+            result.artifacts += get_format(fmt).convert(src, group, Path(out_dir), options)
+    finally:
+        if reference is not None:
+            reference.close()
     result.elapsed_s = time.perf_counter() - start
     result.peak_rss_bytes = _peak_rss_bytes()
     return result
@@ -132,7 +136,7 @@ def _reference_for(manifest: dict | None, reference: str | Path | None, threads:
     recorded = ((manifest or {}).get("source") or {}).get("fingerprint")
     if recorded and recorded != src.fingerprint:
         raise InputError(f"{reference}: its fingerprint differs from the one the artifact was built from")
-    return Reference(src.path, source=src, threads=threads)
+    return Reference(src, threads=threads)
 
 
 def profile(

@@ -106,8 +106,6 @@ class TensorReader:
         self._handles: dict[Path, Any] = {}
 
     def get(self, name: str) -> np.ndarray:
-        import numpy as np
-
         info = self._source.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
@@ -116,16 +114,32 @@ class TensorReader:
             import torch
 
             return handle[name].detach().to(torch.float32).numpy()
+        return self._read(handle, info, 0, math.prod(info.shape), info.shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor as float32 (an output head read in chunks)."""
+        info = self._source.tensors[name]
+        if self._source.weight_format == "pickle":
+            return self.get(name)[start:stop]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = self._open(info.file)
+        width = math.prod(info.shape[1:])
+        return self._read(handle, info, start * width, (stop - start) * width, (stop - start, *info.shape[1:]))
+
+    @staticmethod
+    def _read(handle, info: TensorInfo, first: int, count: int, shape: tuple[int, ...]) -> np.ndarray:
+        import numpy as np
+
         if info.dtype not in _FLOAT_DTYPES:
-            raise SourceError(f"tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
-        count = math.prod(info.shape)
-        handle.seek(info.offset)
+            raise SourceError(f"tensor {info.name!r} has dtype {info.dtype}; expected F32, F16 or BF16")
+        handle.seek(info.offset + first * DTYPE_BYTES[info.dtype])
         data = np.fromfile(handle, dtype=_FLOAT_DTYPES[info.dtype], count=count)
         if data.size != count:
-            raise SourceError(f"{info.file}: truncated while reading tensor {name!r}")
+            raise SourceError(f"{info.file}: truncated while reading tensor {info.name!r}")
         if info.dtype == "BF16":  # bfloat16 is the upper half of a float32
             data = (data.astype(np.uint32) << 16).view(np.float32)
-        return data.astype(np.float32, copy=False).reshape(info.shape)
+        return data.astype(np.float32, copy=False).reshape(shape)
 
     def _open(self, file: Path):
         if self._source.weight_format == "pickle":

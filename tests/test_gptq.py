@@ -21,18 +21,18 @@ from quantkit.calibration import (
 )
 from quantkit.errors import InputError, RecipeError, UnsupportedArchitectureError
 from quantkit.formats import ConvertOptions, get_format
-from quantkit.formats.gptq import quantize_source
+from quantkit.formats.gptq import quantize_source, write_quantized
 from quantkit.formats.gptq.algorithm import (
     HessianAccumulator,
     QuantGrid,
     gptq_quantize,
     rtn_quantize,
 )
-from quantkit.formats.gptq.writer import write_checkpoint
 from quantkit.profile.corpus import _CODE_MODULES, default_texts
 from quantkit.profile.quality import kl_divergence
 from quantkit.recipe import parse_recipe
 from quantkit.runtimes import get_runtime
+from quantkit.runtimes.stream import LayerStream
 from quantkit.source import Source, resolve_source
 
 SMALL_CALIB = {"calib_samples": 8, "calib_seqlen": 64}
@@ -199,18 +199,25 @@ def test_independent_reader_matches_algorithm(tiny_model, tmp_path, arch, scheme
     source = resolve_source(tiny_model(arch))
     recipe = parse_recipe(f"gptq:{scheme}", {**SMALL_CALIB, **options})
     bits, group_size = (int(v) for v in re.match(r"w(\d)g(-?\d+)", scheme).groups())
-    model, result, _ = quantize_source(source, recipe)
-    write_checkpoint(tmp_path, model.state_dict().items(), result.weights, bits)
+    codes, runs_on = {}, []
+
+    def collect(step, block_codes):
+        codes.update(block_codes)
+        for name, q in block_codes.items():  # the engine runs the next blocks' inputs through these
+            short = name.split(f".{step.index}.", 1)[1]
+            runs_on.append(torch.equal(step.block.get_submodule(short).weight, q.dequantized))
+
+    quantize_source(source, recipe, LayerStream(source), collect)
+    write_quantized(tmp_path, source, recipe)
     tensors = read_checkpoint(tmp_path)
-    assert len(result.weights) == 7 * 2
-    for name, q in result.weights.items():
+    assert len(codes) == 7 * 2 and all(runs_on)
+    for name, q in codes.items():
         got = read_linear(tensors, name, bits)
         assert f"{name}.weight" not in tensors
         assert np.array_equal(got["codes"], q.codes.numpy()) and np.array_equal(got["zeros"], q.zeros.numpy())
         assert np.array_equal(got["scales"], q.scales.numpy().astype(np.float16))
         assert np.array_equal(got["g_idx"], q.g_idx.numpy())
         assert np.array_equal(got["weight"].astype(np.float32), q.dequantized.numpy())
-        assert torch.equal(model.get_submodule(name).weight, q.dequantized)  # the model runs on it
         if options.get("sym", True):
             assert np.all(got["zeros"] == 1 << (bits - 1))
         n_in = got["g_idx"].shape[0]
@@ -221,8 +228,8 @@ def test_independent_reader_matches_algorithm(tiny_model, tmp_path, arch, scheme
         else:
             assert not np.all(np.diff(got["g_idx"]) >= 0)  # permuted
             assert np.all(np.bincount(got["g_idx"]) == group_size)
-    state = model.state_dict()
-    assert np.array_equal(tensors["model.norm.weight"], state["model.norm.weight"].half().numpy())
+    with source.open_tensors() as reader:
+        assert np.array_equal(tensors["model.norm.weight"], reader.get("model.norm.weight").astype(np.float16))
     tied = arch == "gemma3"
     assert ("lm_head.weight" in tensors) != tied and tensors["model.embed_tokens.weight"].dtype == np.float16
 
@@ -257,9 +264,9 @@ def test_runtime_logits_equal_float_model_with_dequantized_weights(llama_artifac
 def test_eight_bits_is_close_and_rtn_four_bits_is_not(llama_artifacts, tiny_model):
     from quantkit.runtimes.torch import TorchReference
 
-    reference = TorchReference(tiny_model("llama"), threads=1)
+    reference = TorchReference(resolve_source(tiny_model("llama")), threads=1)
     tokens = _text_tokens(reference.tokenizer, 128)
-    ref = reference.logits(tokens)
+    (ref,) = reference.logits([tokens])
     kld = {}
     for scheme in ("w8g-1", "w4g32", "w4g32-rtn"):
         runtime = get_runtime("gptq")(llama_artifacts[scheme].main_file, n_ctx=256, threads=1)
@@ -363,32 +370,6 @@ def test_calibration_file_option(tiny_model, tmp_path):
         calibration_texts(tmp_path / "missing.txt")
 
 
-def test_block_inputs_keep_each_layers_own_mask():
-    """Gemma 3 passes sliding-window and full-attention blocks different masks; the driver
-    must replay each block with its own, or later blocks see the wrong attention."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
-
-    from quantkit.formats.gptq.sequential import _capture_inputs, _run_block
-
-    config = Gemma3TextConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    window = list(range(1, 25))
-    blocks = model.model.layers
-    with torch.no_grad():
-        inputs, kwargs = _capture_inputs(model, blocks, [window, window[::-1]])
-        expected = model(input_ids=torch.tensor([window]), output_hidden_states=True).hidden_states
-        h = inputs[0]
-        for i, block in enumerate(blocks):
-            assert torch.allclose(h, expected[i], atol=1e-5)
-            h = _run_block(block, h, kwargs[i])
-        assert torch.allclose(model.model.norm(h), expected[-1], atol=1e-5)
-    assert len(inputs) == 2
-
-
 # -- recipes and inputs -------------------------------------------------------------------------------
 def test_recipe_parsing():
     fmt = get_format("gptq")
@@ -428,3 +409,45 @@ def test_unusable_sources(tiny_copy, tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="model_type 'phi3'"):
         fmt.convert(resolve_source(folder), [recipe], tmp_path, ConvertOptions(verify=None))
     assert not list(tmp_path.glob("*gptq*"))
+
+
+def test_streaming_shard_writer_writes_what_safetensors_writes(tmp_path):
+    """The writer spools one tensor at a time; its files must be byte for byte what
+    ``safetensors.torch.save_file`` writes for the same tensors (mixed dtypes, shards)."""
+    from safetensors.torch import save_file
+
+    from quantkit.formats.gptq.writer import SafetensorsShardWriter
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.qweight": torch.randint(-2**31, 2**31 - 1, (8, 6), dtype=torch.int32, generator=gen),
+        "a.scales": torch.randn(3, 5, generator=gen).half(),
+        "c.bias": torch.randn(7, generator=gen),
+        "a.g_idx": torch.arange(9, dtype=torch.int32),
+        "d.flags": torch.tensor([True, False]),
+        "e.bf": torch.randn(4, 4, generator=gen).bfloat16(),
+        "f.ids": torch.arange(3, dtype=torch.int64),
+        "g.empty": torch.zeros(0, 4, dtype=torch.float16),
+    }
+    writer = SafetensorsShardWriter(tmp_path / "one", max_shard_bytes=10**9)
+    (tmp_path / "one").mkdir()
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    assert writer.close() == ["model.safetensors"]
+    save_file(tensors, str(tmp_path / "expected.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+    # shards: each file is what save_file writes for its own tensors; no spool file stays behind
+    (tmp_path / "many").mkdir()
+    writer = SafetensorsShardWriter(tmp_path / "many", max_shard_bytes=200)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    files = writer.close()
+    assert len(files) > 2 and files[-1] == "model.safetensors.index.json"
+    weight_map = json.loads((tmp_path / "many" / files[-1]).read_text())["weight_map"]
+    for file in files[:-1]:
+        names = [n for n, f in weight_map.items() if f == file]
+        save_file({n: tensors[n] for n in names}, str(tmp_path / "shard.safetensors"), metadata={"format": "pt"})
+        assert (tmp_path / "many" / file).read_bytes() == (tmp_path / "shard.safetensors").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == sorted(files)
+    with pytest.raises(Exception, match="after close"):
+        writer.add("late", torch.zeros(1))

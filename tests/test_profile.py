@@ -37,14 +37,20 @@ def test_topk_kld_is_a_tight_lower_bound():
 def test_reference_scores_are_cached_on_disk(tmp_path):
     rng = np.random.default_rng(1)
     table = rng.normal(size=(40, 300)).astype(np.float32)
-    windows = [list(range(20)), list(range(20, 40))]
-    first = reference_scores(lambda w: table[w], windows, fingerprint="abc", cache_dir=tmp_path)
+    windows = {"en": [list(range(20)), list(range(20, 40))], "zh": [list(range(10))]}
+    passes = []
 
-    def must_not_run(window):
-        raise AssertionError("reference recomputed despite the cache")
+    def logits(batch):
+        passes.append(len(batch))
+        return (table[w] for w in batch)
 
-    second = reference_scores(must_not_run, windows, fingerprint="abc", cache_dir=tmp_path)
-    assert np.array_equal(first.topk_ids, second.topk_ids) and len(first) == 2 * 9
+    first = reference_scores(logits, windows, fingerprint="abc", cache_dir=tmp_path)
+    assert passes == [3]  # every set computed in one pass
+    more = {"zh": windows["zh"], "code": [list(range(5, 25))]}
+    second = reference_scores(logits, more, fingerprint="abc", cache_dir=tmp_path)
+    assert passes == [3, 1]  # only the set not cached yet
+    assert np.array_equal(first["zh"].topk_ids, second["zh"].topk_ids)
+    assert len(first["en"]) == 2 * 9 and len(first["zh"]) == 4
 
 
 def test_quality_orders_precisions_per_domain(artifacts, tmp_path):

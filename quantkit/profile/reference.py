@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,9 @@ import numpy as np
 from ..artifact import atomic_file
 
 __all__ = ["TOP_K", "ReferenceScores", "reference_scores", "log_softmax", "score_start"]
+
+#: ``logits(windows)``: the reference's logits of each window, in order (one pass over all)
+LogitsFn = Callable[[Sequence[list[int]]], Iterable[np.ndarray]]
 
 TOP_K = 64
 _CACHE_VERSION = 1
@@ -47,40 +50,54 @@ def score_start(window: Sequence[int]) -> int:
     return len(window) // 2
 
 
-def _compute(logits_fn: Callable[[list[int]], np.ndarray], windows: Sequence[list[int]]) -> ReferenceScores:
-    ids, logps, targets = [], [], []
-    for window in windows:
-        score_from = score_start(window)
-        logp = log_softmax(logits_fn(window)[score_from : len(window) - 1])
-        k = min(TOP_K, logp.shape[-1])
-        top = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
-        order = np.argsort(-np.take_along_axis(logp, top, axis=-1), axis=-1, kind="stable")
-        top = np.take_along_axis(top, order, axis=-1)
-        ids.append(top.astype(np.int32))
-        logps.append(np.take_along_axis(logp, top, axis=-1).astype(np.float32))
-        nxt = np.asarray(window[score_from + 1 :])
-        targets.append(logp[np.arange(len(nxt)), nxt].astype(np.float32))
-    return ReferenceScores(np.concatenate(ids), np.concatenate(logps), np.concatenate(targets))
+def _reduce(window: list[int], logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k ids and log-probs and the target's log-prob of the scored half of one window."""
+    score_from = score_start(window)
+    logp = log_softmax(logits[score_from : len(window) - 1])
+    k = min(TOP_K, logp.shape[-1])
+    top = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
+    order = np.argsort(-np.take_along_axis(logp, top, axis=-1), axis=-1, kind="stable")
+    top = np.take_along_axis(top, order, axis=-1)
+    nxt = np.asarray(window[score_from + 1 :])
+    return (top.astype(np.int32), np.take_along_axis(logp, top, axis=-1).astype(np.float32),
+            logp[np.arange(len(nxt)), nxt].astype(np.float32))
+
+
+def _join(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> ReferenceScores:
+    return ReferenceScores(*(np.concatenate(column) for column in zip(*parts, strict=True)))
+
+
+def _cache_path(cache_dir: Path | None, fingerprint: str, windows: Sequence[list[int]]) -> Path | None:
+    key = hashlib.sha256(json.dumps([_CACHE_VERSION, fingerprint, TOP_K, [list(w) for w in windows]]).encode()).hexdigest()
+    return cache_dir / f"{key}.npz" if cache_dir else None
 
 
 def reference_scores(
-    logits_fn: Callable[[list[int]], np.ndarray],
-    windows: Sequence[list[int]],
+    logits: LogitsFn,
+    windows_by_set: dict[str, Sequence[list[int]]],
     *,
     fingerprint: str,
     cache_dir: Path | None,
-) -> ReferenceScores:
-    """Scores for the second half of each window, from the on-disk cache when present."""
-    key = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, fingerprint, TOP_K, [list(w) for w in windows]]).encode()
-    ).hexdigest()
-    path = cache_dir / f"{key}.npz" if cache_dir else None
-    if path and path.is_file():
-        with np.load(path) as data:
-            return ReferenceScores(data["topk_ids"], data["topk_logp"], data["target_logp"])
-    scores = _compute(logits_fn, windows)
-    if path:
-        with atomic_file(path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, topk_ids=scores.topk_ids, topk_logp=scores.topk_logp, target_logp=scores.target_logp)
-    return scores
+) -> dict[str, ReferenceScores]:
+    """Scores for the second half of each window of each named set (a domain's windows), from
+    the on-disk cache when present; the sets not cached are computed in one pass of ``logits``."""
+    scores: dict[str, ReferenceScores] = {}
+    for name, windows in windows_by_set.items():
+        path = _cache_path(cache_dir, fingerprint, windows)
+        if path and path.is_file():
+            with np.load(path) as data:
+                scores[name] = ReferenceScores(data["topk_ids"], data["topk_logp"], data["target_logp"])
+    missing = [name for name in windows_by_set if name not in scores]
+    flat = [(name, w) for name in missing for w in windows_by_set[name]]
+    parts: dict[str, list] = {name: [] for name in missing}
+    for (name, window), out in zip(flat, logits([w for _, w in flat]) if flat else (), strict=True):
+        parts[name].append(_reduce(window, out))
+    for name in missing:
+        scores[name] = _join(parts[name])
+        path = _cache_path(cache_dir, fingerprint, windows_by_set[name])
+        if path:
+            with atomic_file(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, topk_ids=scores[name].topk_ids, topk_logp=scores[name].topk_logp,
+                             target_logp=scores[name].target_logp)
+    return {name: scores[name] for name in windows_by_set}

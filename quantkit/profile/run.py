@@ -201,13 +201,17 @@ def _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_di
         if getattr(runtime, "max_window", ctx) < ctx:
             raise InputError(f"{main}: this static-shape model takes windows of {runtime.max_window} tokens; pass --ctx {runtime.max_window}")
         bos = runtime.bos_id if runtime.add_bos else None
-        for domain, text in texts.items():
-            windows = make_windows(runtime.tokenize(text), bos, ctx, chunks)
+        by_domain = {domain: make_windows(runtime.tokenize(text), bos, ctx, chunks) for domain, text in texts.items()}
+        for domain, windows in by_domain.items():
             if not windows:
                 raise InputError(f"evaluation text {domain!r} has fewer than 8 tokens")
-            ref = reference_scores(
-                reference.logits_uncached, windows, fingerprint=reference.source.fingerprint, cache_dir=cache_dir
-            )
+        task = (progress or Progress(False)).task
+        references = reference_scores(
+            lambda windows: reference.model.logits(windows, task=task), by_domain,
+            fingerprint=reference.source.fingerprint, cache_dir=cache_dir,
+        )
+        for domain, windows in by_domain.items():
+            ref = references[domain]
             parts, offset = [], 0
             with (progress or Progress(False)).task(f"scoring {domain}", len(windows)) as advance:
                 for window in windows:

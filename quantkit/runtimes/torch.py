@@ -1,37 +1,40 @@
-"""The unquantized reference: an HF checkpoint run in float32 by transformers on the CPU."""
+"""The unquantized reference: an HF checkpoint run in float32 by transformers on the CPU.
+
+Causal LMs run through the layer-streaming engine (``stream.LayerStream``), so the reference never
+holds more than one decoder block; encoders (small) load whole."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ..source import Source
 
 __all__ = ["TorchReference", "TorchEncoder"]
 
 
 class TorchReference:
-    """Loads weights from safetensors (pickles only when the user allowed them), never remote code."""
+    """Weights from safetensors (pickles only when the user allowed them), never remote code."""
 
-    def __init__(self, folder: Path, threads: int | None = None, allow_pickle: bool = False):
+    def __init__(self, source: Source, threads: int | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from .stream import LayerStream
 
         if threads:
             torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=not allow_pickle
-        ).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+        self.stream = LayerStream(source)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([tokens], dtype=torch.long), use_cache=False)
-        return out.logits[0].to(torch.float32).numpy()
+    def logits(self, windows: Sequence[list[int]], task=None) -> Iterator[np.ndarray]:
+        """float32 logits of each window, in order: one pass of the model over all of them."""
+        return self.stream.logits(windows, task=task)
 
 
 class TorchEncoder:

@@ -26,7 +26,7 @@ from .arch import ARCHITECTURES
 # torch, transformers and the modules that need them are imported where used: every quantkit
 # command loads the format registry, and most never run GPTQ
 
-__all__ = ["GPTQFormat", "GPTQScheme", "parse_scheme", "OPTION_DEFAULTS", "MAX_SHARD_BYTES", "quantize_source"]
+__all__ = ["GPTQFormat", "GPTQScheme", "parse_scheme", "OPTION_DEFAULTS", "MAX_SHARD_BYTES", "quantize_source", "write_quantized"]
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
@@ -81,26 +81,17 @@ def _architecture(source: Source):
     return ARCHITECTURES[model_type]
 
 
-def _load_model(source: Source):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch.float32, use_safetensors=source.weight_format != "pickle", trust_remote_code=False
-    )
-
-
 def quantize_source(
-    source: Source, recipe: Recipe, progress: Progress | None = None
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Load ``source``, build the calibration windows and quantize: (model, result, calibration
-    details). The model's quantized Linears then hold their dequantized weights."""
+    source: Source, recipe: Recipe, stream, on_block, progress: Progress | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Quantize ``source`` block by block, streamed from its checkpoint: (result, calibration
+    details). ``on_block(step, codes)`` receives each block as soon as its codes exist."""
     import torch
     from transformers import AutoTokenizer
 
     from ...calibration import calibration_texts, calibration_windows
     from .algorithm import QuantGrid
-    from .sequential import GPTQSettings, pick_device, quantize_model
+    from .sequential import GPTQSettings, pick_device, quantize_blocks
 
     progress = progress or Progress(False)
     scheme = parse_scheme(recipe.scheme)
@@ -108,18 +99,16 @@ def quantize_source(
     opts = {**OPTION_DEFAULTS, **dict(recipe.options)}  # a Recipe built by hand may omit options
     grid = QuantGrid(scheme.bits, scheme.group_size, opts["sym"])
     torch.manual_seed(0)
-    model = _load_model(source)
     if scheme.rtn:
-        settings = GPTQSettings(grid, method="rtn")
-        result = quantize_model(model, spec, settings, task=progress.task)
-        return model, result, {"method": "rtn"}
+        result = quantize_blocks(stream, spec, GPTQSettings(grid, method="rtn"), on_block=on_block, task=progress.task)
+        return result, {"method": "rtn"}
     settings = GPTQSettings(grid, "gptq", opts["damp"], opts["act_order"], opts["static_groups"])
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     texts = calibration_texts(opts["calib"])
     windows, counts = calibration_windows(
         tokenizer, texts, n_samples=opts["calib_samples"], seqlen=opts["calib_seqlen"], seed=opts["seed"]
     )
-    result = quantize_model(model, spec, settings, windows, task=progress.task)
+    result = quantize_blocks(stream, spec, settings, windows, on_block=on_block, task=progress.task)
     calibration = {
         "method": "gptq",
         "texts": opts["calib"] or "default (en: pydoc topics, code: stdlib modules, zh: calib-zh.txt)",
@@ -130,7 +119,39 @@ def quantize_source(
         "tokens": sum(len(w) for w in windows),
         "device": pick_device().type,
     }
-    return model, result, calibration
+    return result, calibration
+
+
+def write_quantized(folder: Path, source: Source, recipe: Recipe, progress: Progress | None = None) -> tuple[Any, dict, list[str]]:
+    """Quantize ``source`` and stream its checkpoint into ``folder``: the embedding first, each
+    block as it is quantized, the final norm and an untied head last (the order of the model's
+    state dict, as ``save_pretrained`` writes it). Returns (result, calibration, weight files)."""
+    from ...runtimes.stream import LayerStream
+    from .sequential import pick_device
+    from .writer import SafetensorsShardWriter, write_tensors
+
+    bits = parse_scheme(recipe.scheme).bits
+    stream = LayerStream(source, device=pick_device())
+    names = stream.parameter_names()
+    blocks = _architecture(source).blocks + "."
+    first = next(i for i, n in enumerate(names) if n.startswith(blocks))
+    last = max(i for i, n in enumerate(names) if n.startswith(blocks))
+    writer = SafetensorsShardWriter(folder, MAX_SHARD_BYTES)
+    with source.open_tensors() as reader:
+        def from_checkpoint(selected):
+            import torch
+
+            return ((n, torch.from_numpy(reader.get(n))) for n in selected)
+
+        write_tensors(writer, from_checkpoint(names[:first]), {}, bits)
+
+        def on_block(step, codes):
+            prefix = f"{blocks}{step.index}."
+            write_tensors(writer, ((prefix + k, v) for k, v in step.block.state_dict().items()), codes, bits)
+
+        result, calibration = quantize_source(source, recipe, stream, on_block, progress)
+        write_tensors(writer, from_checkpoint(names[last + 1 :]), {}, bits)
+    return result, calibration, writer.close()
 
 
 def _details(result, calibration: dict) -> dict[str, Any]:
@@ -139,7 +160,7 @@ def _details(result, calibration: dict) -> dict[str, Any]:
     return {
         "calibration": calibration,
         "layers": result.layers,
-        "quantized_linears": len(result.weights),
+        "quantized_linears": result.quantized_linears,
     }
 
 
@@ -172,16 +193,10 @@ class GPTQFormat(Format):
             torch.set_num_threads(threads)
 
     def _convert_one(self, source: Source, recipe: Recipe, out_dir: Path, options: ConvertOptions, progress: Progress) -> Artifact:
-        from .writer import (
-            copy_tokenizer_files,
-            quantization_config,
-            write_checkpoint,
-            write_configs,
-        )
+        from .writer import copy_tokenizer_files, quantization_config, write_configs
 
         scheme = parse_scheme(recipe.scheme)
         opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
-        model, result, calibration = quantize_source(source, recipe, progress)
         qconfig = quantization_config(
             bits=scheme.bits,
             group_size=scheme.group_size,
@@ -193,11 +208,7 @@ class GPTQFormat(Format):
         )
         final = Path(out_dir) / f"{source.name}-gptq-{recipe.tag}"
         with atomic_dir(final) as tmp:
-            with progress.task("writing GPTQ checkpoint"):
-                weight_files = write_checkpoint(
-                    tmp, model.state_dict().items(), result.weights, scheme.bits, max_shard_bytes=MAX_SHARD_BYTES
-                )
-            del model
+            result, calibration, weight_files = write_quantized(tmp, source, recipe, progress)
             write_configs(tmp, source.config, qconfig)
             tokenizer_files = copy_tokenizer_files(source.path, tmp)
             info = _details(result, calibration)

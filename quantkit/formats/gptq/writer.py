@@ -23,7 +23,7 @@ from .packing import pack_linear
 
 __all__ = [
     "SafetensorsShardWriter",
-    "write_checkpoint",
+    "write_tensors",
     "quantization_config",
     "copy_tokenizer_files",
     "write_configs",
@@ -39,16 +39,29 @@ _TOKENIZER_FILES = (
 )
 
 
+# safetensors' dtype names, in the order its serializer sorts by (largest first, then by name)
+_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+}
+_RANK = {name: i for i, name in enumerate(_DTYPES.values())}
+_COPY_BYTES = 64 << 20
+
+
 class SafetensorsShardWriter:
-    """Collects tensors into safetensors shards of at most ``max_shard_bytes`` (a tensor larger
-    than that gets a shard of its own). States: open (``add``) -> closed (``close``); shards are
-    numbered only at ``close``, once their count is known (HF's model-0000i-of-0000N names)."""
+    """Streams tensors into safetensors shards of at most ``max_shard_bytes`` (a tensor larger
+    than that gets a shard of its own), holding one tensor at a time: each tensor's bytes go to
+    a spool file as they come, and a shard is written, header first, when it is full. The bytes
+    are those ``safetensors.torch.save_file`` writes (tensors ordered by dtype, then name).
+    States: open (``add``) -> closed (``close``); shards are numbered only at ``close``, once
+    their count is known (HF's model-0000i-of-0000N names)."""
 
     def __init__(self, folder: Path, max_shard_bytes: int = 2 * 10**9):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, tuple[str, list[int], int, int]] = {}  # name -> dtype, shape, spool offset, bytes
         self._pending_bytes = 0
+        self._spool = None
         self._shards: list[tuple[Path, list[str]]] = []
         self._names: set[str] = set()
         self._total_bytes = 0
@@ -59,19 +72,45 @@ class SafetensorsShardWriter:
             raise ConversionError(f"safetensors writer: add({name!r}) after close; expected no more tensors")
         if name in self._names:
             raise ConversionError(f"safetensors writer: tensor {name!r} written twice")
+        if tensor.dtype not in _DTYPES:
+            raise ConversionError(f"safetensors writer: {name!r} has dtype {tensor.dtype}, not one of {list(_DTYPES)}")
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
+        if self._spool is None:
+            self._spool = open(self.folder / f".spool-{len(self._shards):05d}", "w+b")  # noqa: SIM115 (closed in _flush)
         self._names.add(name)
-        self._pending[name] = tensor.detach().cpu().contiguous()
+        offset = self._spool.tell()
+        self._spool.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._pending[name] = (_DTYPES[tensor.dtype], list(tensor.shape), offset, size)
         self._pending_bytes += size
         self._total_bytes += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
+        order = sorted(self._pending, key=lambda n: (-_RANK[self._pending[n][0]], n))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        start = 0
+        for name in order:
+            dtype, shape, _, size = self._pending[name]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + size]}
+            start += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
         path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        spool = self._spool
+        with open(path, "wb") as out:
+            out.write(len(text).to_bytes(8, "little") + text)
+            for name in order:
+                _, _, offset, size = self._pending[name]
+                spool.seek(offset)
+                while size:
+                    chunk = spool.read(min(size, _COPY_BYTES))
+                    out.write(chunk)
+                    size -= len(chunk)
+        if spool is not None:
+            spool.close()
+            os.unlink(spool.name)
+        self._spool = None
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -103,27 +142,15 @@ def _to_float16(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return half
 
 
-def write_checkpoint(
-    folder: Path,
+def write_tensors(
+    writer: SafetensorsShardWriter,
     tensors: Iterable[tuple[str, torch.Tensor]],
     quantized: Mapping[str, QuantizedWeight],
     bits: int,
-    *,
-    max_shard_bytes: int = 2 * 10**9,
-) -> list[str]:
-    """Write the weights: for a Linear ``name`` in ``quantized`` its packed qweight, qzeros,
-    scales and g_idx (and bias, float16) instead of ``name.weight``; every other tensor float16.
-
-    ``tensors`` is the model's state dict in order; a tensor sharing storage with one already
-    written (tied input and output embeddings) is written once, as ``save_pretrained`` does."""
-    writer = SafetensorsShardWriter(folder, max_shard_bytes)
-    seen: set[tuple[int, tuple[int, ...]]] = set()
+) -> None:
+    """Add weights in order: for a Linear ``name`` in ``quantized`` its packed qweight, qzeros,
+    scales and g_idx instead of ``name.weight``; every other tensor (biases too) float16."""
     for name, tensor in tensors:
-        if tensor.numel():
-            key = (tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(), tuple(tensor.shape))
-            if key in seen:
-                continue
-            seen.add(key)
         prefix, _, leaf = name.rpartition(".")
         if prefix in quantized and leaf == "weight":
             q = quantized[prefix]
@@ -131,7 +158,6 @@ def write_checkpoint(
                 writer.add(f"{prefix}.{part}", packed)
         else:
             writer.add(name, _to_float16(name, tensor) if tensor.is_floating_point() else tensor)
-    return writer.close()
 
 
 def quantization_config(*, bits: int, group_size: int, desc_act: bool, sym: bool, static_groups: bool, damp: float, true_sequential: bool) -> dict[str, Any]:

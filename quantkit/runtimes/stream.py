@@ -1,0 +1,266 @@
+"""The layer-streaming engine: an HF causal LM run one decoder block at a time from safetensors.
+
+Every path that needs the source model's own numbers goes through here: verification and the
+profiler's reference logits, GPTQ's and RTN's block loop. The model is built by transformers with
+its parameters on the meta device (buffers such as rotary frequencies are real); the inputs of
+every window are captured at block 0 with each block's keyword arguments (masks, rotary
+embeddings), then each block is loaded from the checkpoint (upcast to float32), given to the
+caller, run on every window's hidden states and released before the next one is loaded. The
+output head runs last, one window at a time and in row chunks. Memory follows one block, the
+embedding table (during capture), one head chunk and the windows' hidden states, never the
+number of layers (the same schedule as GPTQ's reference code and llm-compressor's sequential
+pipeline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConversionError
+from ..source import Source
+
+__all__ = ["Layout", "LAYOUTS", "LayerStream", "BlockStep", "HEAD_CHUNK_BYTES"]
+
+#: float32 bytes of output-head rows multiplied at a time (the head of a 150k vocabulary is 1-2 GB)
+HEAD_CHUNK_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a transformers causal LM keeps its parts (module paths, checkpoint names alike)."""
+
+    base: str = "model"  # the decoder stack without the head
+    embed: str = "model.embed_tokens"
+    blocks: str = "model.layers"
+    norm: str = "model.norm"
+    head: str = "lm_head"
+
+
+# config.json model_type -> layout; every supported family keeps Llama's names
+LAYOUTS: dict[str, Layout] = {name: Layout() for name in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3")}
+
+
+class _StopCapture(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device and their buffers real (rotary
+    frequencies, Gemma's embedding scale are computed in ``__init__`` and not stored)."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":  # a tied head re-registers the embedding's
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _to(obj: Any, device, memo: dict[int, Any]) -> Any:
+    """``obj`` (tensors nested in tuples, lists, dicts) on ``device``; shared tensors stay shared."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, memo) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class BlockStep:
+    """One decoder block, loaded, with the hidden states of every window that enter it.
+
+    The caller may change the block's weights (GPTQ replaces them by their quantized values) and
+    run it on inputs (``forward``) as often as it needs; the engine then maps ``inputs`` to the
+    next block's inputs with the weights as the caller left them."""
+
+    index: int
+    count: int
+    block: Any
+    inputs: list[Any]
+    kwargs: list[dict[str, Any]]
+
+    def forward(self, i: int):
+        kwargs = dict(self.kwargs[i])
+        extra = kwargs.pop("_extra_args", ())
+        out = self.block(self.inputs[i], *extra, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def named_parameters(self) -> Iterator[tuple[str, Any]]:
+        return self.block.named_parameters()
+
+
+class LayerStream:
+    """A causal LM of an HF checkpoint (``source``), run block by block in float32."""
+
+    def __init__(self, source: Source, device=None):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        self.source = source
+        self.device = torch.device(device or "cpu")
+        self.layout = LAYOUTS.get(source.config.get("model_type"), Layout())
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        with no_init_weights(), _parameters_on_meta():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
+            self.model.tie_weights()  # transformers 5 ties at load time, not in from_config
+        for module in self.model.modules():  # buffers only: the parameters stay on meta until loaded
+            for key, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[key] = buffer.to(self.device)
+        try:
+            self.blocks = self.model.get_submodule(self.layout.blocks)
+            self.base = self.model.get_submodule(self.layout.base)
+        except AttributeError as exc:
+            raise ConversionError(f"{source.id}: the model has no {exc}; its layout does not match the architecture table") from exc
+        head, embed = (self.model.get_submodule(p).weight for p in (self.layout.head, self.layout.embed))
+        self.tied = head is embed
+        self.head_name = (self.layout.embed if self.tied else self.layout.head) + ".weight"
+        if self.head_name not in source.tensors:
+            raise ConversionError(f"{source.id}: the checkpoint has no output head {self.head_name!r}")
+
+    # -- weights ---------------------------------------------------------------------------------
+    def load(self, prefix: str, reader) -> Any:
+        """Load the module at ``prefix`` from the checkpoint (float32, on the engine's device)."""
+        import torch
+
+        module = self.model.get_submodule(prefix)
+        for name, param in list(module.named_parameters()):
+            full = f"{prefix}.{name}"
+            if full not in self.source.tensors:
+                raise ConversionError(f"{self.source.id}: the checkpoint has no tensor {full!r} that its config.json implies")
+            value = torch.from_numpy(reader.get(full))
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConversionError(f"{self.source.id}: {full} has shape {tuple(value.shape)}; config.json implies {tuple(param.shape)}")
+            owner, _, leaf = name.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            target._parameters[leaf] = torch.nn.Parameter(value.to(self.device), requires_grad=False)
+        return module
+
+    def release(self, prefix: str) -> None:
+        """Free the parameters of the module at ``prefix`` (back to meta)."""
+        import torch
+
+        for sub in self.model.get_submodule(prefix).modules():
+            for leaf, param in list(sub._parameters.items()):
+                if param is not None:
+                    sub._parameters[leaf] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def _capture(self, windows: Sequence[list[int]], reader) -> tuple[list[Any], list[list[dict[str, Any]]]]:
+        """Block 0's input and every block's keyword arguments, per window: the stack runs with
+        each block replaced by a recorder that passes its input through."""
+        import torch
+
+        inputs: list[Any] = []
+        kwargs: list[list[dict[str, Any]]] = [[] for _ in self.blocks]
+        memo: dict[int, Any] = {}
+
+        def recorder(i):
+            def forward(hidden, *args, **kw):
+                if i == 0:
+                    inputs.append(hidden.detach())
+                kwargs[i].append(_to({**kw, "_extra_args": tuple(args)}, self.device, memo))
+                if i == len(self.blocks) - 1:
+                    raise _StopCapture
+                return hidden
+
+            return forward
+
+        for i, block in enumerate(self.blocks):
+            block.forward = recorder(i)
+        self.load(self.layout.embed, reader)
+        try:
+            for window in windows:
+                try:
+                    self.base(input_ids=torch.tensor([window], dtype=torch.long, device=self.device), use_cache=False)
+                except _StopCapture:
+                    pass
+        finally:
+            for block in self.blocks:
+                del block.forward
+            self.release(self.layout.embed)
+        return inputs, kwargs
+
+    def steps(self, windows: Sequence[list[int]] | None, *, task=None) -> Iterator[BlockStep]:
+        """Each block in turn, loaded, with its inputs (none when ``windows`` is None: RTN needs
+        no activations). After the caller is done with a step the block is run on the inputs
+        and released. ``task(description, total)`` as ``Progress.task``."""
+        import torch
+
+        with self.source.open_tensors() as reader, torch.inference_mode():
+            states, kwargs = self._capture(windows, reader) if windows else ([], [[] for _ in self.blocks])
+            n = len(self.blocks)
+            with task("running blocks", n) if task else contextlib.nullcontext(lambda k=1: None) as advance:
+                for i in range(n):
+                    prefix = f"{self.layout.blocks}.{i}"
+                    step = BlockStep(i, n, self.load(prefix, reader), states, kwargs[i])
+                    yield step
+                    states = [step.forward(j) for j in range(len(states))]
+                    step.inputs = states
+                    self.release(prefix)
+                    advance(1)
+            self._states = states
+
+    def logits(self, windows: Sequence[list[int]], *, task=None) -> Iterator[np.ndarray]:
+        """float32 logits ``[len(window), vocab]`` of each window, in order."""
+        import torch
+
+        for _ in self.steps(windows, task=task):
+            pass
+        states = self._states
+        with self.source.open_tensors() as reader, torch.inference_mode():
+            norm = self.load(self.layout.norm, reader)
+            rows, width = self.source.tensors[self.head_name].shape
+            chunk = max(1, HEAD_CHUNK_BYTES // (4 * width))
+            try:
+                for hidden in states:
+                    hidden = norm(hidden)[0]
+                    out = torch.empty((hidden.shape[0], rows), dtype=torch.float32)
+                    for start in range(0, rows, chunk):
+                        weight = torch.from_numpy(reader.get_rows(self.head_name, start, min(rows, start + chunk)))
+                        out[:, start : start + weight.shape[0]] = (hidden @ weight.to(self.device).T).cpu()
+                    if self.softcap:  # Gemma 2's final logit soft-capping
+                        out = torch.tanh(out / self.softcap) * self.softcap
+                    yield out.numpy()
+            finally:
+                self.release(self.layout.norm)
+
+    def parameter_names(self) -> list[str]:
+        """The checkpoint tensors the model uses, in ``state_dict`` order (a tied head once)."""
+        skip = self.layout.head + ".weight" if self.tied else None
+        return [name for name in self.model.state_dict() if name != skip]
+
+
+def largest_block_bytes(source: Source, layout: Layout | None = None) -> int:
+    """float32 bytes of the largest decoder block: what the engine holds besides activations."""
+    layout = layout or LAYOUTS.get(source.config.get("model_type"), Layout())
+    per_block: dict[str, int] = {}
+    for name, info in source.tensors.items():
+        if name.startswith(layout.blocks + "."):
+            index = name[len(layout.blocks) + 1 :].split(".", 1)[0]
+            per_block[index] = per_block.get(index, 0) + 4 * math.prod(info.shape)
+    return max(per_block.values(), default=0)
