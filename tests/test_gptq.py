@@ -257,7 +257,13 @@ def test_runtime_logits_equal_float_model_with_dequantized_weights(llama_artifac
     assert timed["prefill_s"] > 0 and timed["decode_s"] > 0
     described = runtime.describe(art.main_file)
     assert described["n_layers"] == 2 and described["n_embd"] == 64
-    assert described["tensor_bytes"] == 4 * sum(p.numel() for p in runtime.model.parameters())
+    # the runtime holds the checkpoint's packed tensors as stored, every other tensor in float32
+    held = sum(t.numel() * t.element_size() for t in [*runtime.model.parameters(), *runtime.model.buffers()])
+    rotary = sum(b.numel() * b.element_size() for n, b in runtime.model.named_buffers() if "rotary" in n)
+    assert described["tensor_bytes"] == held - rotary
+    linears = [m for m in runtime.model.modules() if type(m).__name__ == "PackedLinear"]
+    assert len(linears) == 7 * 2 and not any(isinstance(m, torch.nn.Linear) and "layers" in n
+                                             for n, m in runtime.model.named_modules())
     runtime.close()
 
 

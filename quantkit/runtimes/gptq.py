@@ -1,22 +1,26 @@
-"""GPTQ artifacts on the CPU: the checkpoint dequantized into a float32 transformers model.
+"""GPTQ artifacts on the CPU: the packed checkpoint in a transformers model, dequantized per Linear.
 
 GPTQ's own kernels (exllama, marlin, triton) need a GPU, and transformers only loads GPTQ
-checkpoints through optimum + gptqmodel; this runtime instead unpacks every quantized Linear
-(``quantkit.formats.gptq.packing``) into an ordinary float32 weight. The logits are those of the
-quantized model exactly, the speed and memory those of a float32 model.
+checkpoints through optimum + gptqmodel; this runtime keeps every quantized Linear packed as
+stored (``PackedLinear``) and dequantizes its weight to float32 inside each forward call, one
+Linear at a time, so the model holds the checkpoint's packed bytes, not a float32 copy. The
+logits are those of the quantized model exactly; the speed is that of a float32 model plus the
+unpacking, not of a GPTQ kernel.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..source import DTYPE_BYTES
 from . import register_runtime
 from .hf import TransformersRuntime, read_config
 
-__all__ = ["GPTQRuntime", "load_dequantized_state_dict"]
+__all__ = ["GPTQRuntime", "PackedLinear"]
 
 _INDEX = "model.safetensors.index.json"
 _PACKED = ("qweight", "qzeros", "scales", "g_idx")
@@ -40,58 +44,99 @@ def _bits(config: dict[str, Any], folder: Path) -> int:
     return int(qconfig["bits"])
 
 
-def load_dequantized_state_dict(folder: Path) -> dict[str, Any]:
-    """Every tensor of the checkpoint in float32, each quantized Linear as a plain ``.weight``."""
+def _packed_linear_class():
     import torch
-    from safetensors import safe_open
 
     from ..formats.gptq.packing import dequantize_linear
 
+    class PackedLinear(torch.nn.Module):
+        """A Linear kept in the v1 packed layout; its float32 weight exists only during forward."""
+
+        def __init__(self, qweight, qzeros, scales, g_idx, bias, bits: int):
+            super().__init__()
+            self.bits = bits
+            for name, tensor in zip(_PACKED, (qweight, qzeros, scales, g_idx), strict=True):
+                self.register_buffer(name, tensor)
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+            self.in_features, self.out_features = int(g_idx.shape[0]), int(qweight.shape[1])
+
+        def weight_t(self):
+            """The float32 weight, transposed: [in, out]."""
+            return dequantize_linear(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, transposed=True)
+
+        def forward(self, x):
+            out = x @ self.weight_t()
+            return out if self.bias is None else out + self.bias
+
+    return PackedLinear
+
+
+def __getattr__(name: str):  # PackedLinear is built on first use: torch is imported lazily
+    if name == "PackedLinear":
+        return _packed_linear_class()
+    raise AttributeError(name)
+
+
+def load_packed_model(folder: Path):
+    """The checkpoint as a transformers model: quantized Linears packed, every other tensor float32."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .stream import parameters_on_meta
+
     folder = Path(folder)
     bits = _bits(read_config(folder), folder)
-    raw: dict[str, torch.Tensor] = {}
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    # transformers would route a quantization_config to optimum/gptqmodel: this runtime unpacks itself
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with no_init_weights(), parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    packed_cls = _packed_linear_class()
+    raw: dict[str, Any] = {}
     for file in _weight_files(folder):
         with safe_open(str(file), framework="pt") as fh:
             for name in fh.keys():
                 raw[name] = fh.get_tensor(name)
-    state: dict[str, torch.Tensor] = {}
+    expected = {n for n, p in model.named_parameters()}
+    loaded = set()
     for name in sorted(raw):
         prefix, _, leaf = name.rpartition(".")
         if leaf == "qweight":
+            bias = raw.pop(f"{prefix}.bias", None)
             parts = [raw[f"{prefix}.{p}"] for p in _PACKED]
-            state[f"{prefix}.weight"] = dequantize_linear(*parts, bits)
-        elif leaf not in _PACKED[1:]:
+            owner, _, attr = prefix.rpartition(".")
+            try:
+                parent = model.get_submodule(owner)
+                getattr(parent, attr)
+            except AttributeError:
+                raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {prefix})") from None
+            setattr(parent, attr, packed_cls(*parts, None if bias is None else bias.to(torch.float32), bits))
+            loaded |= {f"{prefix}.weight", f"{prefix}.bias"}
+        elif leaf not in _PACKED[1:] and name in raw:
+            if name not in expected:
+                raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {name})")
+            owner, _, attr = name.rpartition(".")
             tensor = raw[name]
-            state[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
-    return state
+            module = model.get_submodule(owner)
+            module._parameters[attr] = torch.nn.Parameter(tensor.to(torch.float32) if tensor.is_floating_point() else tensor, requires_grad=False)
+            loaded.add(name)
+    raw.clear()
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise InputError(f"{folder}: the checkpoint does not match its config.json (missing {missing[:3]})")
+    return model.eval()
 
 
 @register_runtime("gptq")
 class GPTQRuntime(TransformersRuntime):
-    name = "transformers (dequantized GPTQ)"
+    name = "transformers (packed GPTQ, dequantized per Linear)"
 
     def load_model(self, path: Path):
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
-        folder = Path(path).parent
-        state = load_dequantized_state_dict(folder)
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        # transformers would route a quantization_config to optimum/gptqmodel: the weights are
-        # already plain float32 here
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        tied = set(getattr(model, "_tied_weights_keys", None) or []) if getattr(config, "tie_word_embeddings", False) else set()
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-            raise InputError(f"{folder}: the checkpoint does not match its config.json ({what})")
-        model.tie_weights()
-        return model
+        return load_packed_model(Path(path).parent)
 
     @classmethod
     def describe_weights(cls, path: Path) -> dict[str, Any]:
@@ -99,23 +144,22 @@ class GPTQRuntime(TransformersRuntime):
 
         folder = Path(path).parent
         config = read_config(folder)
-        shapes: dict[str, list[int]] = {}
+        shapes: dict[str, tuple[list[int], str]] = {}
         files = _weight_files(folder)
         for file in files:
             with safe_open(str(file), framework="pt") as fh:
-                shapes.update({name: fh.get_slice(name).get_shape() for name in fh.keys()})
-        total, embedding = 0, 0
-        for name, shape in shapes.items():
-            prefix, _, leaf = name.rpartition(".")
-            if leaf == "qweight":  # dequantized to float32 [out, in]
-                n = shape[1] * shapes[f"{prefix}.g_idx"][0]
-            elif leaf in _PACKED[1:]:
+                shapes.update({name: (fh.get_slice(name).get_shape(), fh.get_slice(name).get_dtype()) for name in fh.keys()})
+        packed_names = {f"{n.rpartition('.')[0]}.{p}" for n in shapes if n.endswith(".qweight") for p in _PACKED}
+        total, embedding, stored_float, widest = 0, 0, 0, 0
+        for name, (shape, dtype) in shapes.items():
+            n = math.prod(shape)
+            if name in packed_names:  # kept as stored
+                total += n * DTYPE_BYTES[dtype]
+                if name.endswith(".qweight"):  # unpacked per forward: int32 codes and their float32 values
+                    widest = max(widest, 8 * shape[1] * shapes[name.replace(".qweight", ".g_idx")][0][0])
                 continue
-            else:
-                n = 1
-                for d in shape:
-                    n *= d
-            total += 4 * n
+            total += 4 * n  # float32 in memory
+            stored_float += n * DTYPE_BYTES[dtype]
             if name.endswith("embed_tokens.weight"):
                 embedding = 4 * n
         packed = sum(f.stat().st_size for f in files)
@@ -123,8 +167,9 @@ class GPTQRuntime(TransformersRuntime):
             "config": config,
             "tensor_bytes": total,
             "embedding_bytes": embedding,
-            # loading reads every packed file once while the float32 weights are built
-            "load_transient_bytes": packed,
+            # loading holds the stored float16 tensors while their float32 copies are made; the
+            # widest Linear's unpacked codes and weight exist during each forward call
+            "load_transient_bytes": stored_float + widest,
             "deployed_weight_bytes": packed,
             "deployed_bytes_read_per_token": packed - (0 if config.get("tie_word_embeddings", True) else embedding // 2),
         }

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ConversionError
 from ..source import Source
 
-__all__ = ["Layout", "LAYOUTS", "LayerStream", "BlockStep", "HEAD_CHUNK_BYTES"]
+__all__ = ["Layout", "LAYOUTS", "LayerStream", "BlockStep", "HEAD_CHUNK_BYTES", "parameters_on_meta", "largest_block_bytes"]
 
 #: float32 bytes of output-head rows multiplied at a time (the head of a 150k vocabulary is 1-2 GB)
 HEAD_CHUNK_BYTES = 128 << 20
@@ -51,7 +51,7 @@ class _StopCapture(Exception):
 
 
 @contextlib.contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Build modules with their parameters on the meta device and their buffers real (rotary
     frequencies, Gemma's embedding scale are computed in ``__init__`` and not stored)."""
     import torch
@@ -124,7 +124,7 @@ class LayerStream:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         self.softcap = getattr(config, "final_logit_softcapping", None)
-        with no_init_weights(), _parameters_on_meta():
+        with no_init_weights(), parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
             self.model.tie_weights()  # transformers 5 ties at load time, not in from_config
         for module in self.model.modules():  # buffers only: the parameters stay on meta until loaded

@@ -58,11 +58,17 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: int32 [n*bits/32, m] -> int64 [n, m]."""
+    """Inverse of :func:`pack_rows`: int32 [n*bits/32, m] -> integers [n, m] (int32 for 2, 4
+    and 8 bits, which the runtime unpacks on every forward call; int64 for 3)."""
     _check(bits, n, "a packed dimension")
     if words.shape[0] != n * bits // 32:
         raise ConversionError(f"GPTQ unpacking: {words.shape[0]} packed rows, expected {n * bits // 32} for {n} values")
-    blocks, m = -(-n // 32), words.shape[1]
+    m = words.shape[1]
+    if 32 % bits == 0:  # whole values per word: one shift-and-mask per position, in int32
+        # an arithmetic shift drags the sign bit along, but the mask keeps only the value's bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device).view(1, -1, 1)
+        return ((words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, m)[:n]
+    blocks = -(-n // 32)
     w = torch.zeros(blocks * bits, m, dtype=torch.int64, device=words.device)
     w[: words.shape[0]] = words.to(torch.int64) & 0xFFFFFFFF
     w = w.view(blocks, bits, m)
@@ -92,12 +98,20 @@ def pack_linear(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, 
 
 
 def dequantize_linear(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+    *, transposed: bool = False,
 ) -> torch.Tensor:
-    """Float32 weight [out, in] of one v1-packed Linear (the runtime's loader)."""
+    """Float32 weight [out, in] (``transposed``: [in, out], as stored) of one v1-packed Linear."""
     in_features, out_features = g_idx.shape[0], qweight.shape[1]
-    codes = unpack_rows(qweight, bits, in_features)  # [in, out]
-    zeros = unpack_rows(qzeros.t().contiguous(), bits, out_features).t() + 1  # [n_groups, out]
-    g = g_idx.to(torch.int64)
+    codes = unpack_rows(qweight, bits, in_features).to(torch.float32)  # [in, out]
+    zeros = (unpack_rows(qzeros.t().contiguous(), bits, out_features).t() + 1).to(torch.float32)  # [n_groups, out]
     scale = scales.to(torch.float32)
-    return ((codes.to(torch.float32) - zeros[g].to(torch.float32)) * scale[g]).t().contiguous()
+    n_groups = scale.shape[0]
+    size = in_features // n_groups
+    if in_features % n_groups == 0 and torch.equal(g_idx, torch.arange(in_features, device=g_idx.device, dtype=g_idx.dtype) // size):
+        # groups in place (no act-order permutation): broadcast per group instead of gathering
+        codes = codes.view(n_groups, size, out_features).sub_(zeros.unsqueeze(1)).mul_(scale.unsqueeze(1)).view(in_features, out_features)
+    else:
+        g = g_idx.to(torch.int64)
+        codes = codes.sub_(zeros[g]).mul_(scale[g])
+    return codes if transposed else codes.t().contiguous()
