@@ -29,3 +29,77 @@ def random_llama(work: Path, layers: int, hidden: int = 1024) -> Path:
     model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
     tok.save_pretrained(out)
     return out
+
+
+# real shapes of the models people ship (config.json values of the published checkpoints)
+SHAPES = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "deepseek-r1-distill-qwen-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                          tie_word_embeddings=False),
+    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def random_shaped(work: Path, name: str, seed: int = 0) -> Path:
+    """An HF folder with the architecture and tensor shapes of ``name`` (``SHAPES``) and random
+    float16 weights, written tensor by tensor (building it holds one tensor), with a real
+    byte-level BPE tokenizer whose few hundred tokens sit in an embedding padded to the real
+    vocabulary, as real Qwen2.5 checkpoints pad 151,665 tokens to 151,936 rows."""
+    out = work / f"{name}-random-f16"
+    if (out / "config.json").is_file():
+        return out
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import train_byte_bpe
+
+    from quantkit.formats.gptq.writer import SafetensorsShardWriter
+    from quantkit.runtimes.stream import parameters_on_meta
+
+    shape = dict(SHAPES[name])
+    style = "llama-bpe" if shape["model_type"] == "llama" else "qwen2"
+    tok_dir = train_byte_bpe(work / "tokenizers", style)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    config_cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[shape.pop("model_type")]
+    extra = {"rope_theta": 1_000_000.0} if config_cls is transformers.Qwen2Config else {
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    config = config_cls(**shape, max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, **extra)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    tmp = work / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    writer = SafetensorsShardWriter(tmp, max_shard_bytes=2 * 10**9)
+    tied = config.tie_word_embeddings
+    for key, param in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        if "norm" in key:
+            values = np.ones(param.shape, dtype=np.float16)
+        else:
+            values = (rng.standard_normal(param.shape, dtype=np.float32) * 0.02).astype(np.float16)
+        writer.add(key, torch.from_numpy(values))
+        del values
+    writer.close()
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["dtype"] = "float16"
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    tmp.rename(out)
+    return out

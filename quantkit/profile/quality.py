@@ -13,7 +13,7 @@ from .reference import ReferenceScores, log_softmax, score_start
 __all__ = ["kl_divergence", "top1_agreement", "kld_from_topk", "summarize", "score_artifact_window"]
 
 
-def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray, chunk_rows: int = 64) -> np.ndarray:
+def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray, chunk_rows: int = 16) -> np.ndarray:
     """Exact KL(P_ref || Q) in nats for each row, computed in float64 chunks to bound memory."""
     if reference_logits.shape != logits.shape:
         raise ValueError(f"logit shapes differ: {reference_logits.shape} vs {logits.shape}")
@@ -25,8 +25,14 @@ def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray, chunk_rows: 
     return np.maximum(out, 0.0)
 
 
+def argmax_rows(logits: np.ndarray, chunk_rows: int = 16) -> np.ndarray:
+    """``logits.argmax(-1)`` in row chunks: numpy's argmax copies a read-only (memory-mapped)
+    array whole first, 300 MB for a window over a 150k-token vocabulary."""
+    return np.concatenate([logits[i : i + chunk_rows].argmax(-1) for i in range(0, logits.shape[0], chunk_rows)])
+
+
 def top1_agreement(reference_logits: np.ndarray, logits: np.ndarray) -> float:
-    return float(np.mean(reference_logits.argmax(-1) == logits.argmax(-1)))
+    return float(np.mean(argmax_rows(reference_logits) == argmax_rows(logits)))
 
 
 def kld_from_topk(ref_ids: np.ndarray, ref_logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
@@ -40,17 +46,27 @@ def kld_from_topk(ref_ids: np.ndarray, ref_logp: np.ndarray, logq: np.ndarray) -
     return np.maximum(head + tail, 0.0)
 
 
-def score_artifact_window(logits: np.ndarray, window: list[int], ref: ReferenceScores, offset: int) -> dict[str, np.ndarray]:
-    """Per-position KLD, top-1 match and NLL for one window against reference rows at ``offset``."""
+def score_artifact_window(
+    logits: np.ndarray, window: list[int], ref: ReferenceScores, offset: int, chunk_rows: int = 16
+) -> dict[str, np.ndarray]:
+    """Per-position KLD, top-1 match and NLL for one window against reference rows at ``offset``
+    (in row chunks: the float64 log-probs of a whole window are 300 MB for a 150k vocabulary)."""
     score_from = score_start(window)
-    logq = log_softmax(logits[score_from : len(window) - 1])
-    n = logq.shape[0]
-    ids, lp = ref.topk_ids[offset : offset + n], ref.topk_logp[offset : offset + n]
+    rows = logits[score_from : len(window) - 1]
+    n = rows.shape[0]
     nxt = np.asarray(window[score_from + 1 :])
+    kld, top1, nll = [], [], []
+    for start in range(0, n, chunk_rows):
+        logq = log_softmax(rows[start : start + chunk_rows])
+        stop = start + logq.shape[0]
+        ids, lp = ref.topk_ids[offset + start : offset + stop], ref.topk_logp[offset + start : offset + stop]
+        kld.append(kld_from_topk(ids, lp, logq))
+        top1.append((logq.argmax(-1) == ids[:, 0]).astype(np.float64))
+        nll.append(-logq[np.arange(stop - start), nxt[start:stop]])
     return {
-        "kld": kld_from_topk(ids, lp, logq),
-        "top1": (logq.argmax(-1) == ids[:, 0]).astype(np.float64),
-        "nll": -logq[np.arange(n), nxt],
+        "kld": np.concatenate(kld),
+        "top1": np.concatenate(top1),
+        "nll": np.concatenate(nll),
         "ref_nll": -ref.target_logp[offset : offset + n].astype(np.float64),
     }
 

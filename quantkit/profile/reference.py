@@ -50,17 +50,23 @@ def score_start(window: Sequence[int]) -> int:
     return len(window) // 2
 
 
-def _reduce(window: list[int], logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k ids and log-probs and the target's log-prob of the scored half of one window."""
+def _reduce(window: list[int], logits: np.ndarray, chunk_rows: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k ids and log-probs and the target's log-prob of the scored half of one window (in
+    row chunks: float64 log-probs of a whole window are 300 MB for a 150k vocabulary)."""
     score_from = score_start(window)
-    logp = log_softmax(logits[score_from : len(window) - 1])
-    k = min(TOP_K, logp.shape[-1])
-    top = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
-    order = np.argsort(-np.take_along_axis(logp, top, axis=-1), axis=-1, kind="stable")
-    top = np.take_along_axis(top, order, axis=-1)
+    rows = logits[score_from : len(window) - 1]
     nxt = np.asarray(window[score_from + 1 :])
-    return (top.astype(np.int32), np.take_along_axis(logp, top, axis=-1).astype(np.float32),
-            logp[np.arange(len(nxt)), nxt].astype(np.float32))
+    parts = []
+    for start in range(0, rows.shape[0], chunk_rows):
+        logp = log_softmax(rows[start : start + chunk_rows])
+        k = min(TOP_K, logp.shape[-1])
+        top = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
+        order = np.argsort(-np.take_along_axis(logp, top, axis=-1), axis=-1, kind="stable")
+        top = np.take_along_axis(top, order, axis=-1)
+        target = nxt[start : start + logp.shape[0]]
+        parts.append((top.astype(np.int32), np.take_along_axis(logp, top, axis=-1).astype(np.float32),
+                      logp[np.arange(len(target)), target].astype(np.float32)))
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
 def _join(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> ReferenceScores:

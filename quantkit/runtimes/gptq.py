@@ -20,7 +20,7 @@ from ..source import DTYPE_BYTES
 from . import register_runtime
 from .hf import TransformersRuntime, read_config
 
-__all__ = ["GPTQRuntime", "PackedLinear"]
+__all__ = ["GPTQRuntime", "load_packed_model"]
 
 _INDEX = "model.safetensors.index.json"
 _PACKED = ("qweight", "qzeros", "scales", "g_idx")
@@ -69,12 +69,6 @@ def _packed_linear_class():
             return out if self.bias is None else out + self.bias
 
     return PackedLinear
-
-
-def __getattr__(name: str):  # PackedLinear is built on first use: torch is imported lazily
-    if name == "PackedLinear":
-        return _packed_linear_class()
-    raise AttributeError(name)
 
 
 def load_packed_model(folder: Path):
