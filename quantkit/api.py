@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifact import Artifact, remove_stale
+from .errors import InputError
 from .formats import ConvertOptions, get_format
 from .profile.corpus import default_texts
 from .progress import Progress
@@ -29,6 +30,9 @@ class ConvertResult:
     elapsed_s: float = 0.0
     peak_rss_bytes: int = 0
     stale_removed: tuple[int, int] = (0, 0)  # unfinished outputs of killed runs removed: (count, bytes)
+    predicted_peaks: list[dict[str, Any]] = field(default_factory=list)  # per recipe, before converting
+    available_bytes: int | None = None
+    dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +50,9 @@ class ConvertResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
             "stale_removed": {"count": self.stale_removed[0], "bytes": self.stale_removed[1]},
+            "predicted_peaks": self.predicted_peaks,
+            "available_bytes": self.available_bytes,
+            "dry_run": self.dry_run,
         }
 
 
@@ -66,18 +73,35 @@ def convert(
     threads: int | None = None,
     recipe_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    dry_run: bool = False,
+    check_memory: bool = True,
 ) -> ConvertResult:
     """Convert ``source`` (HF folder, hub id, .gguf file, or None for the embedded default model)
     into one artifact per recipe under ``out_dir``; verify each before it is renamed into place.
 
     ``recipe_options`` are format settings such as ``{"damp": 0.01, "act_order": True}`` for
-    GPTQ; each format takes the keys it knows, and a key no requested format knows is an error."""
+    GPTQ; each format takes the keys it knows, and a key no requested format knows is an error.
+
+    Before converting an HF checkpoint, each recipe's peak memory is predicted from the source's
+    shape (:mod:`quantkit.footprint`); with ``check_memory`` a prediction above the memory this
+    machine has available is an InputError. ``dry_run`` stops there and returns the predictions."""
     start = time.perf_counter()
     recipe_options = {k: v for k, v in (recipe_options or {}).items() if v is not None}
     recipes = list(dict.fromkeys(parse_recipe(r, recipe_options) if isinstance(r, str) else r for r in to))
     _check_options_used(recipes, recipe_options)
     src = resolve_source(source, allow_pickle=allow_pickle)
     progress = progress or Progress(False)
+    predicted, available = _predict_peaks(src, recipes, verify, verify_tokens, verify_ctx)
+    if check_memory and available is not None:
+        over = [p for p in predicted if p["total_bytes"] > available]
+        if over:
+            worst = max(over, key=lambda p: p["total_bytes"])
+            raise InputError(
+                f"{worst['recipe']}: predicted peak memory {worst['total_bytes'] / 1e9:.1f} GB ({worst['phase']}) exceeds the "
+                f"{available / 1e9:.1f} GB available; free memory, convert without --verify, or pass --ignore-memory to try anyway"
+            )
+    if dry_run:
+        return ConvertResult(source=src.to_manifest(), predicted_peaks=predicted, available_bytes=available, dry_run=True)
     checker, reference = None, None
     if verify:
         reference = Reference(src, threads=threads) if src.kind == "hf" else None
@@ -97,7 +121,8 @@ def convert(
                 )
 
     options = ConvertOptions(threads=threads, progress=progress, verify=checker)
-    result = ConvertResult(source=src.to_manifest(), stale_removed=remove_stale(Path(out_dir)))
+    result = ConvertResult(source=src.to_manifest(), stale_removed=remove_stale(Path(out_dir)),
+                           predicted_peaks=predicted, available_bytes=available)
     by_format: dict[str, list[Recipe]] = {}
     for recipe in recipes:
         by_format.setdefault(recipe.format, []).append(recipe)
@@ -112,6 +137,20 @@ def convert(
     return result
 
 
+def _predict_peaks(src, recipes: list[Recipe], verify: bool, tokens: int, ctx: int) -> tuple[list[dict[str, Any]], int | None]:
+    """Predicted peak of each recipe (HF sources; a GGUF source is requantized by llama.cpp, one
+    tensor at a time) and the memory available here."""
+    from .footprint import available_memory_bytes, predict_convert_peak
+
+    if src.kind != "hf":
+        return [], available_memory_bytes()
+    predicted = []
+    for recipe in recipes:
+        p = predict_convert_peak(src, recipe, verify=verify and recipe.format != "bnb", verify_tokens=tokens, verify_ctx=ctx)
+        predicted.append({"recipe": str(recipe), **p})
+    return predicted, available_memory_bytes()
+
+
 def _check_options_used(recipes: list[Recipe], options: dict[str, Any]) -> None:
     from .errors import RecipeError
 
@@ -123,8 +162,6 @@ def _check_options_used(recipes: list[Recipe], options: dict[str, Any]) -> None:
 
 
 def _reference_for(manifest: dict | None, reference: str | Path | None, threads: int | None) -> Reference:
-    from .errors import InputError
-
     if reference is None:
         src_info = (manifest or {}).get("source") or {}
         if src_info.get("kind") != "hf":

@@ -59,12 +59,14 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--head", type=click.Choice(["same", "int8", "float"]), default=None, help="ONNX int4/int8 decoders: output head (and tied embedding) in the recipe's bits, int8 or float [same].")
 @click.option("--seed", type=int, default=None, help="Seed for calibration sampling [0].")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+@click.option("--dry-run", is_flag=True, help="Print each recipe's predicted peak memory and the memory available; convert nothing.")
+@click.option("--ignore-memory", is_flag=True, help="Convert even when the predicted peak memory exceeds what is available.")
 @click.option("--gate", "gate_policy", type=click.Path(), default=None, help="Then profile every artifact and gate it against this policy (exit 1 if a rule fails).")
 @click.option("--html", "html_path", type=click.Path(), default=None, help="With --gate: write the HTML report here.")
 @click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="With --gate: write the Markdown summary here.")
 @click.pass_context
-def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, threads, as_json, gate_policy,
-            html_path, markdown_path, **recipe_options):
+def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, threads, as_json, dry_run, ignore_memory,
+            gate_policy, html_path, markdown_path, **recipe_options):
     """Convert SOURCE (HF folder, hub id or .gguf file; default: the embedded Gemma 3 270M)."""
     from .api import DEFAULT_RECIPES, convert_and_gate
     from .api import convert as run_convert
@@ -79,7 +81,17 @@ def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, t
         threads=threads,
         recipe_options=recipe_options,
         progress=Progress(None if not quiet else False),
+        check_memory=not ignore_memory,
     )
+    if dry_run:
+        from .report.render import predicted_peaks_table
+
+        result = run_convert(source, recipes or DEFAULT_RECIPES, out_dir, dry_run=True, **options)
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            predicted_peaks_table(result)
+        return
     if gate_policy:
         result, verdict = convert_and_gate(source, recipes or DEFAULT_RECIPES, out_dir, gate_policy,
                                            html=html_path, markdown=markdown_path, **options)

@@ -83,3 +83,40 @@ def test_checkpoint_that_does_not_match_its_config(tiny_copy):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match=r"mlp\.gate_proj\.weight has shape .* config\.json implies"):
         list(LayerStream(resolve_source(folder)).logits([[1, 2, 3]]))
+
+
+def test_dry_run_predicts_without_converting(tiny_model, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from quantkit.cli import cli
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["convert", str(tiny_model("qwen2")), "--to", "gguf:q4_k_m,gptq:w4g32,onnx:int4",
+                                   "--dry-run", "--json", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output)
+    assert result["dry_run"] and result["artifacts"] == [] and not out.exists()
+    peaks = {p["recipe"]: p for p in result["predicted_peaks"]}
+    assert set(peaks) == {"gguf:q4_k_m", "gptq:w4g32", "onnx:int4"}
+    for p in peaks.values():
+        assert p["total_bytes"] == sum(p["terms"].values()) > 0 and p["phase"] in p["phases"]
+    assert peaks["gguf:q4_k_m"]["phase"] == "verify"  # llama.cpp beside the reference outgrows quantizing
+    no_verify = CliRunner().invoke(cli, ["convert", str(tiny_model("qwen2")), "--to", "gguf:q4_k_m", "--no-verify",
+                                         "--dry-run", "--json"])
+    assert json.loads(no_verify.output)["predicted_peaks"][0]["phase"] == "quantize"
+
+
+def test_conversion_refused_when_the_prediction_exceeds_available_memory(tiny_model, tmp_path, monkeypatch, capsys):
+    import quantkit.footprint as footprint
+    from quantkit.cli import main
+
+    monkeypatch.setattr(footprint, "available_memory_bytes", lambda: 10**6)
+    out = tmp_path / "out"
+    assert main(["convert", str(tiny_model("llama")), "--to", "gptq:w4g32-rtn", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "predicted peak memory" in err and "0.0 GB available" in err and "--ignore-memory" in err
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["-q", "convert", str(tiny_model("llama")), "--to", "gptq:w4g32-rtn", "--ignore-memory", "--no-verify",
+                 "-o", str(out)]) == 0

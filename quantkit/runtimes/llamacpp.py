@@ -73,6 +73,11 @@ class LlamaCppRuntime:
                 n_batch=n_ctx,
                 n_ubatch=n_ctx,
                 logits_all=logits_all,
+                # scoring (logits_all: verification, quality) runs beside the float reference: a
+                # mapped model whose Q4_0/Q4_K weights ggml repacks keeps both the file's pages
+                # and the copy resident (1.5 GB extra for a 3B q4_k_m), a read model only the copy;
+                # timed generation maps, as llama.cpp does by default
+                use_mmap=not logits_all,
                 n_threads=threads or os.cpu_count(),
                 seed=0,
                 verbose=verbose,
@@ -100,12 +105,16 @@ class LlamaCppRuntime:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def logits(self, tokens: list[int]) -> np.ndarray:
-        """Next-token logits at every position of ``tokens`` (one window, <= n_ctx)."""
+        """Next-token logits at every position of ``tokens`` (one window, <= n_ctx): a read-only
+        view of llama-cpp-python's score buffer, valid until the next call (a copy would be
+        another 300 MB per window for a 150k-token vocabulary)."""
         if len(tokens) > self.n_ctx:
             raise ValueError(f"window of {len(tokens)} tokens exceeds n_ctx={self.n_ctx}")
         self._llm.reset()
         self._llm.eval(tokens)
-        return np.array(self._llm.scores[: len(tokens)], dtype=np.float32)
+        view = self._llm.scores[: len(tokens)].view()
+        view.flags.writeable = False
+        return view
 
     def generate_timed(self, prompt: list[int], n_generate: int) -> dict[str, float]:
         """Greedy generation; returns prefill (time to first token) and decode seconds."""

@@ -1,0 +1,171 @@
+"""Memory and time of every conversion path on models of the size people ship: peak RSS against
+parameter count, measured next to quantkit's own prediction (``quantkit convert --dry-run``).
+
+    python benchmarks/scale.py [--full] [--shapes NAME,...] [--paths gguf,profile,...]
+
+Checkpoints with the real shapes of Qwen2.5-0.5B, DeepSeek-R1-Distill-Qwen-1.5B and Qwen2.5-3B
+(``--full``: Llama-3.1-8B too, 16 GB on disk) and random float16 weights, generated tensor by
+tensor with a fixed seed under out/bench/scale (``_models.random_shaped``). For each, in fresh
+processes: ``convert --to gguf:q4_k_m`` (verification on), ``profile --chunks 1`` of that GGUF,
+``convert --to gptq:w4g128-rtn``, ``convert --to gptq:w4g128 --calib-samples 8 --calib-seqlen
+256`` and ``convert --to onnx:int4``: wall time, peak RSS (the largest process of the run) and the
+predicted peak. Prints a table and the slope of each path (MB of peak per billion parameters);
+writes benchmarks/results/scale.json and, from it, benchmarks/results/scale_peak_rss.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from _measure import markdown_table, measure, write_results  # noqa: E402
+from _models import SHAPES, random_shaped  # noqa: E402
+
+NAME = "scale"
+PLOT = "scale_peak_rss.svg"
+DEFAULT_SHAPES = ("qwen2.5-0.5b", "deepseek-r1-distill-qwen-1.5b", "qwen2.5-3b")
+# path -> (recipe, extra CLI arguments); "profile" profiles the gguf path's artifact
+PATHS = {
+    "gguf": ("gguf:q4_k_m", []),
+    "profile": (None, ["--chunks", "1"]),
+    "rtn": ("gptq:w4g128-rtn", []),
+    "gptq": ("gptq:w4g128", ["--calib-samples", "8", "--calib-seqlen", "256"]),
+    "onnx": ("onnx:int4", []),
+}
+LABELS = {"gguf": "convert gguf:q4_k_m (verified)", "profile": "profile --chunks 1", "rtn": "convert gptq:w4g128-rtn",
+          "gptq": "convert gptq:w4g128 (8x256 calibration)", "onnx": "convert onnx:int4"}
+
+
+def _artifact_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "manifest.json")
+
+
+def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
+    from quantkit.footprint import predict_convert_peak, predict_profile_peak
+    from quantkit.recipe import parse_recipe
+    from quantkit.source import resolve_source
+
+    quantkit = str(Path(sys.executable).with_name("quantkit"))
+    source_dir = random_shaped(work, name)
+    source = resolve_source(str(source_dir))
+    params = sum(math.prod(t.shape) for t in source.tensors.values())
+    weights = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
+    out = work / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    rows, gguf_artifact = [], None
+    for path in paths:
+        recipe, extra = PATHS[path]
+        if path == "profile":
+            if gguf_artifact is None:
+                raise SystemExit("the profile path needs the gguf path first (--paths gguf,profile,...)")
+            gguf_file = next(gguf_artifact.glob("*.gguf"))
+            cmd = [quantkit, "-q", "profile", str(gguf_file), *extra, "--json", str(out / "profile.json")]
+            predicted = predict_profile_peak(gguf_file, source, chunks=1)
+        else:
+            cmd = [quantkit, "-q", "convert", str(source_dir), "--to", recipe, *extra, "-o", str(out)]
+            options = {"calib_samples": 8, "calib_seqlen": 256} if path == "gptq" else {}
+            predicted = predict_convert_peak(source, parse_recipe(recipe, options))
+        print(f"{name}: {LABELS[path]} ...", flush=True)
+        before = set(out.iterdir()) if out.is_dir() else set()
+        wall, peak = measure(cmd, REPO)
+        folder = None
+        if recipe:
+            [folder] = [p for p in set(out.iterdir()) - before if (p / "manifest.json").is_file()]
+            if path == "gguf":
+                gguf_artifact = folder
+        # what the path's runtime maps or holds of the artifact it runs (verification, profile)
+        artifact = _artifact_bytes(folder or gguf_artifact)
+        print(f"  {wall:.0f} s, peak {peak / 1e6:,.0f} MB, predicted {predicted['total_bytes'] / 1e6:,.0f} MB", flush=True)
+        rows.append({"shape": name, "params": params, "weights_bytes": weights, "path": path, "wall_s": wall,
+                     "peak_rss_bytes": peak, "predicted_peak_bytes": predicted["total_bytes"],
+                     "predicted_terms": predicted["terms"], "artifact_bytes": artifact})
+        if folder is not None and path != "gguf":  # the disk is needed for the next paths
+            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def slopes(result: dict) -> dict[str, dict[str, float]]:
+    """Least-squares slope of peak RSS (and of peak minus the artifact a path maps) against
+    parameters, MB per billion parameters, per path."""
+    out = {}
+    for path in PATHS:
+        rows = [r for r in result["rows"] if r["path"] == path]
+        if len(rows) < 2:
+            continue
+        xs = [r["params"] / 1e9 for r in rows]
+
+        def fit(ys):
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+        beyond = [(r["peak_rss_bytes"] - (r["artifact_bytes"] or 0)) / 1e6 for r in rows]
+        out[path] = {"mb_per_billion": fit([r["peak_rss_bytes"] / 1e6 for r in rows]),
+                     "beyond_artifact_mb_per_billion": fit(beyond)}
+    return out
+
+
+def table(result: dict) -> str:
+    lines = []
+    for r in result["rows"]:
+        error = 100 * (r["predicted_peak_bytes"] - r["peak_rss_bytes"]) / r["peak_rss_bytes"]
+        lines.append([r["shape"], f"{r['params'] / 1e9:.2f}B", LABELS[r["path"]], f"{r['wall_s']:,.0f} s",
+                      f"{r['peak_rss_bytes'] / 1e6:,.0f} MB", f"{r['predicted_peak_bytes'] / 1e6:,.0f} MB ({error:+.0f} %)",
+                      f"{r['artifact_bytes'] / 1e6:,.0f} MB" if r.get("artifact_bytes") else "-"])
+    return markdown_table(["model shape", "parameters", "path", "wall", "peak RSS", "predicted peak", "artifact"], lines)
+
+
+def slope_table(result: dict) -> str:
+    return markdown_table(["path", "peak MB per billion parameters", "beyond the artifact it runs"], [
+        [LABELS[p], f"{s['mb_per_billion']:,.0f}", f"{s['beyond_artifact_mb_per_billion']:,.0f}"] for p, s in slopes(result).items()])
+
+
+def plot(result: dict) -> str:
+    from quantkit.report.svg import grouped_bars
+
+    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    params = {r["shape"]: r["params"] for r in result["rows"]}
+    series = {LABELS[p]: [next((r["peak_rss_bytes"] / 1e9 for r in result["rows"] if r["shape"] == s and r["path"] == p), None)
+                          for s in shapes] for p in PATHS if any(r["path"] == p for r in result["rows"])}
+    groups = [f"{s} ({params[s] / 1e9:.1f}B)" for s in shapes]
+    svg = grouped_bars(groups, series, svg_id="scale-peak-rss", title="Peak RSS of each path against model size",
+                       ylabel="peak RSS (GB)")
+    return svg.replace('role="img">', 'role="img"><rect width="100%" height="100%" fill="white"/>', 1) + "\n"
+
+
+def sections(result: dict) -> dict[str, str]:
+    return {"table": table(result), "slopes": slope_table(result)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="add Llama-3.1-8B's shape (16 GB on disk)")
+    ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {', '.join(SHAPES)}")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "scale")
+    args = ap.parse_args()
+    shapes = args.shapes.split(",") if args.shapes else [*DEFAULT_SHAPES, *(["llama-3.1-8b"] if args.full else [])]
+    paths = args.paths.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in shapes:
+        rows += run_shape(name, paths, args.out)
+    result = {"rows": rows, "cpu_count": os.cpu_count()}
+    result["slopes"] = slopes(result)
+    print(f"\n{table(result)}\n\n{slope_table(result)}")
+    write_results(NAME, result)
+    results_dir = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results"))
+    (results_dir / PLOT).write_text(plot(result), encoding="utf-8")
+    print(json.dumps(result["slopes"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

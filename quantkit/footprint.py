@@ -1,0 +1,206 @@
+"""Predicted peak memory of a conversion (and of profiling a GGUF) from the source's shape alone.
+
+A path's peak is the largest of its phases, each a sum of what is alive at once (bytes):
+
+* **libraries**: the interpreter with torch, transformers and llama.cpp loaded (measured).
+* **engine** (verification's reference, the profiler's, GPTQ/RTN): the layer-streaming engine
+  holds the largest decoder block in float32, the tensor being read in its stored dtype, the
+  hidden states of every window (in and out of a block), one window's activations inside a
+  block, and, at the end, one output-head chunk and one window's logits
+  (:mod:`quantkit.runtimes.stream`).
+* **GPTQ/RTN**: the engine, plus for GPTQ the Hessians of one sequential group and the
+  algorithm's work arrays for the widest Linear, for RTN the codes of the largest Linear.
+* **GGUF**: llama.cpp's quantizer (in its own process) holds the largest tensor as read, in
+  float32 and quantized.
+* **verification / quality**: the artifact's runtime, loaded before the reference runs: the
+  weights (llama.cpp reads a scored GGUF, see ``runtimes.llamacpp``; the GPTQ runtime keeps the
+  packed tensors and float32 for the rest), then, while windows are compared, llama.cpp's
+  output, compute and score buffers (a window's logits each) and the reference's logits of
+  one window.
+
+The same sizes feed ``profile``'s memory model (:mod:`quantkit.profile.memory`) for running an
+artifact; this module answers the question before converting: will it fit here?
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .recipe import Recipe
+from .source import DTYPE_BYTES, Source
+
+__all__ = ["predict_convert_peak", "predict_profile_peak", "available_memory_bytes", "ModelShape"]
+
+#: resident size of the interpreter with numpy, torch, transformers and llama_cpp imported
+#: (265 MB on CPython 3.11 with torch 2.13 and transformers 5.24) and what a run adds to the
+#: heap besides its large arrays (tokenizers, configs, small tensors: ~180 MB measured)
+LIBRARIES_BYTES = 450 * 10**6
+#: what a llama.cpp quantizing child holds besides the tensor (its libraries)
+QUANTIZER_BASE_BYTES = 60 * 10**6
+# bits per weight of the artifact of each recipe (llama.cpp's figures for its types, the main
+# type of each GGUF mix; GPTQ 4 bits + fp16 scale and packed zero per group)
+_GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q5_0": 5.5, "q4_k_m": 4.85,
+              "q4_k_s": 4.58, "q4_0": 4.5, "q3_k_m": 3.91, "q2_k": 3.35}
+
+_ONNX_BITS = {"int4": 5.0, "int8": 9.0, "fp16": 16.0, "fp32": 32.0}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory terms need from a source (an HF checkpoint)."""
+
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    params: int
+    embedding_params: int
+    stored_bytes: int  # the weights as stored
+    largest_block_fp32: int
+    largest_tensor_stored: int
+    largest_tensor_elements: int
+    widest_linear_in: int  # input features of the widest Linear (GPTQ's Hessian side)
+    largest_linear_elements: int
+
+    @classmethod
+    def of(cls, source: Source) -> ModelShape:
+        from .runtimes.hf import config_sizes
+        from .runtimes.stream import LAYOUTS, Layout, largest_block_bytes
+
+        sizes = config_sizes(source.config)
+        cfg = source.config.get("text_config") or source.config
+        layout = LAYOUTS.get(source.config.get("model_type"), Layout())
+        tensors = source.tensors.values()
+        elements = {t.name: math.prod(t.shape) for t in tensors}
+        linears = [t for t in tensors if t.name.startswith(layout.blocks + ".") and len(t.shape) == 2]
+        largest = max(tensors, key=lambda t: elements[t.name])
+        embed = source.tensors.get(layout.embed + ".weight")
+        return cls(
+            n_layers=sizes["n_layers"], hidden=sizes["n_embd"], intermediate=int(cfg.get("intermediate_size") or 4 * sizes["n_embd"]),
+            n_head=sizes["n_head"], n_head_kv=sizes["n_head_kv"], head_dim=sizes["head_dim"], vocab=sizes["n_vocab"],
+            tied=(layout.head + ".weight") not in source.tensors,
+            params=sum(elements.values()), embedding_params=elements.get(embed.name, 0) if embed else 0,
+            stored_bytes=sum(elements[t.name] * DTYPE_BYTES.get(t.dtype, 4) for t in tensors),
+            largest_block_fp32=largest_block_bytes(source, layout),
+            largest_tensor_stored=elements[largest.name] * DTYPE_BYTES.get(largest.dtype, 4),
+            largest_tensor_elements=elements[largest.name],
+            widest_linear_in=max((t.shape[1] for t in linears), default=sizes["n_embd"]),
+            largest_linear_elements=max((elements[t.name] for t in linears), default=0),
+        )
+
+
+def _engine(shape: ModelShape, windows: int, window: int) -> dict[str, int]:
+    """The layer-streaming engine's peak over ``windows`` windows of ``window`` tokens."""
+    from .runtimes.stream import HEAD_CHUNK_BYTES
+
+    states = 2 * windows * window * shape.hidden * 4
+    block = (shape.largest_block_fp32 + shape.largest_tensor_stored // max(1, shape.n_layers)
+             + window * (3 * shape.intermediate + 6 * shape.hidden) * 4 + shape.n_head * window * window * 4)
+    head = HEAD_CHUNK_BYTES * 3 // 2 + window * shape.vocab * 4
+    return {"engine_hidden_states": states, "engine_block_or_head": max(block, head)}
+
+
+def _compare(shape: ModelShape, window: int, n_ctx: int, llama: bool) -> int:
+    """Comparing one window: the reference's logits, the runtime's, and llama.cpp's buffers."""
+    logits = window * shape.vocab * 4
+    divergence = 4 * 16 * shape.vocab * 8  # float64 log-probs of 16 rows, both sides, and their products
+    if llama:  # output buffer, compute buffer (one ubatch: the logits and the tensors before them,
+        # twice the logits measured) and llama-cpp-python's scores: four windows of logits
+        kv = 2 * shape.n_layers * shape.n_head_kv * shape.head_dim * n_ctx * 2
+        return logits + 4 * n_ctx * shape.vocab * 4 + kv + divergence
+    return 2 * logits + divergence  # the float32 model's output and the reference's
+
+
+def _artifact_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """Estimated size of the artifact (what its runtime holds during verification)."""
+    body = shape.params - shape.embedding_params * (1 if shape.tied else 2)
+    embedding = shape.embedding_params * (1 if shape.tied else 2)
+    if recipe.format == "gguf":
+        bits = _GGUF_BITS.get(recipe.scheme, 8.5)
+        return int(body * bits / 8 + embedding * min(bits + 1.7, 16) / 8)
+    if recipe.format == "gptq":
+        weight_bits = int(recipe.scheme[1]) if recipe.scheme[1].isdigit() else 4
+        return int(body * (weight_bits + 0.25) / 8 + embedding * 2)
+    if recipe.format == "onnx":  # MatMulNBits blocks of 32 with float32 scales; int8 keeps a float32 embedding
+        bits = next((b for prefix, b in _ONNX_BITS.items() if recipe.scheme.startswith(prefix)), 32)
+        return int(body * bits / 8 + embedding * (32 if recipe.scheme.startswith("int8") else bits) / 8)
+    return shape.stored_bytes
+
+
+def _verification(shape: ModelShape, recipe: Recipe, tokens: int, ctx: int) -> dict[str, int]:
+    """Phases of verifying the artifact of ``recipe``: the runtime loaded, then the reference
+    run beside it, then the windows compared."""
+    windows = max(1, math.ceil(tokens / ctx))
+    engine = sum(_engine(shape, windows, ctx).values())
+    if recipe.format == "gptq":  # packed tensors, float32 for the rest, one Linear unpacked at a time
+        float_rest = 4 * shape.embedding_params * (1 if shape.tied else 2)
+        runtime = (_artifact_bytes(shape, recipe) - 2 * shape.embedding_params * (1 if shape.tied else 2) + float_rest
+                   + 8 * shape.largest_linear_elements)
+        llama = False
+    else:
+        runtime, llama = _artifact_bytes(shape, recipe), True
+    return {"runtime_weights": runtime, "reference_or_compare": max(engine, _compare(shape, ctx, ctx, llama))}
+
+
+def _gptq_work(shape: ModelShape, recipe: Recipe) -> int:
+    """GPTQ's Hessians (one group: q/k/v share the widest-input ones) and work arrays, or RTN's codes."""
+    if recipe.scheme.endswith("-rtn"):
+        return 16 * shape.largest_linear_elements  # int64 codes, float32 dequantized and work copy
+    n = shape.widest_linear_in
+    return 3 * n * n * 4 + 4 * shape.largest_linear_elements * 4
+
+
+def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True, verify_tokens: int = 2048,
+                         verify_ctx: int = 512) -> dict[str, Any]:
+    """Predicted peak resident bytes of ``convert`` to ``recipe``: ``{"total_bytes", "phase",
+    "terms"}`` (the terms of the largest phase)."""
+    shape = ModelShape.of(source)
+    phases: dict[str, dict[str, int]] = {}
+    if recipe.format == "gguf":
+        phases["quantize"] = {"quantizer": QUANTIZER_BASE_BYTES,
+                              "largest_tensor": shape.largest_tensor_stored + 5 * shape.largest_tensor_elements}
+    elif recipe.format == "gptq":
+        samples = int(recipe.option("calib_samples", 128)) if not recipe.scheme.endswith("-rtn") else 0
+        seqlen = int(recipe.option("calib_seqlen", 512))
+        engine = _engine(shape, samples, seqlen) if samples else {"engine_block_or_head": shape.largest_block_fp32}
+        phases["quantize"] = {"libraries": LIBRARIES_BYTES, **engine, "gptq_work": _gptq_work(shape, recipe)}
+    elif recipe.format == "onnx":
+        # onnxruntime-genai's builder and torch.onnx load the whole model in float32
+        phases["export"] = {"libraries": LIBRARIES_BYTES, "float32_model": 4 * shape.params,
+                            "output": _artifact_bytes(shape, recipe)}
+    else:  # bitsandbytes writes a config; its runtime quantizes when the artifact is loaded
+        phases["write"] = {"libraries": LIBRARIES_BYTES}
+    if verify and recipe.format in ("gguf", "gptq"):
+        phases["verify"] = {"libraries": LIBRARIES_BYTES, **_verification(shape, recipe, verify_tokens, verify_ctx)}
+    phase = max(phases, key=lambda p: sum(phases[p].values()))
+    return {"total_bytes": sum(phases[phase].values()), "phase": phase, "terms": phases[phase],
+            "phases": {p: sum(t.values()) for p, t in phases.items()}}
+
+
+def predict_profile_peak(artifact: Path, source: Source, *, chunks: int = 1, ctx: int = 512, domains: int = 3) -> dict[str, Any]:
+    """Predicted peak of ``profile`` of a GGUF artifact: its quality pass (the runtime scoring
+    beside the reference over every domain's windows in one pass)."""
+    shape = ModelShape.of(source)
+    engine = sum(_engine(shape, chunks * domains, ctx).values())
+    terms = {"libraries": LIBRARIES_BYTES, "runtime_weights": Path(artifact).stat().st_size,
+             "reference_or_compare": max(engine, _compare(shape, ctx // 2, ctx, True))}
+    return {"total_bytes": sum(terms.values()), "phase": "quality", "terms": terms}
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
