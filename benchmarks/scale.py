@@ -93,6 +93,12 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
     return rows
 
 
+def _fit(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys against xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
 def slopes(result: dict) -> dict[str, dict[str, float]]:
     """Least-squares slope of peak RSS (and of peak minus the artifact a path maps) against
     parameters, MB per billion parameters, per path."""
@@ -102,14 +108,9 @@ def slopes(result: dict) -> dict[str, dict[str, float]]:
         if len(rows) < 2:
             continue
         xs = [r["params"] / 1e9 for r in rows]
-
-        def fit(ys):
-            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-
         beyond = [(r["peak_rss_bytes"] - (r["artifact_bytes"] or 0)) / 1e6 for r in rows]
-        out[path] = {"mb_per_billion": fit([r["peak_rss_bytes"] / 1e6 for r in rows]),
-                     "beyond_artifact_mb_per_billion": fit(beyond)}
+        out[path] = {"mb_per_billion": _fit(xs, [r["peak_rss_bytes"] / 1e6 for r in rows]),
+                     "beyond_artifact_mb_per_billion": _fit(xs, beyond)}
     return out
 
 
