@@ -67,7 +67,7 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
             if gguf_artifact is None:
                 raise SystemExit("the profile path needs the gguf path first (--paths gguf,profile,...)")
             gguf_file = next(gguf_artifact.glob("*.gguf"))
-            cmd = [quantkit, "-q", "profile", str(gguf_file), *extra, "--json", str(out / "profile.json")]
+            cmd = [quantkit, "-q", "profile", str(gguf_artifact), *extra, "--json", str(out / "profile.json")]
             predicted = predict_profile_peak(gguf_file, source, chunks=1)
         else:
             cmd = [quantkit, "-q", "convert", str(source_dir), "--to", recipe, *extra, "-o", str(out)]

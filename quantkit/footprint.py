@@ -185,12 +185,13 @@ def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True,
 
 
 def predict_profile_peak(artifact: Path, source: Source, *, chunks: int = 1, ctx: int = 512, domains: int = 3) -> dict[str, Any]:
-    """Predicted peak of ``profile`` of a GGUF artifact: its quality pass (the runtime scoring
-    beside the reference over every domain's windows in one pass)."""
+    """Predicted peak of ``profile`` of a GGUF artifact: its quality pass (the runtime loaded,
+    the reference over every domain's windows in one pass, reduced to top-k as each window's
+    logits come, then the runtime scoring)."""
     shape = ModelShape.of(source)
     engine = sum(_engine(shape, chunks * domains, ctx).values())
     terms = {"libraries": LIBRARIES_BYTES, "runtime_weights": Path(artifact).stat().st_size,
-             "reference_or_compare": max(engine, _compare(shape, ctx // 2, ctx, True))}
+             "reference_or_compare": max(engine, _compare(shape, 0, ctx, True))}
     return {"total_bytes": sum(terms.values()), "phase": "quality", "terms": terms}
 
 

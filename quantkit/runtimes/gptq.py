@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..source import DTYPE_BYTES
 from . import register_runtime
 from .hf import TransformersRuntime, read_config
+from .stream import LAYOUTS, Layout
 
 __all__ = ["GPTQRuntime", "load_packed_model"]
 
@@ -71,14 +72,46 @@ def _packed_linear_class():
     return PackedLinear
 
 
+def _half_table_modules():
+    import torch
+
+    from .stream import HEAD_CHUNK_BYTES
+
+    class ChunkedHead(torch.nn.Module):
+        """An output head kept as stored (float16), multiplied in float32 row chunks."""
+
+        def __init__(self, table):
+            super().__init__()
+            self.register_buffer("table", table)
+
+        def forward(self, x):
+            rows, width = self.table.shape
+            chunk = max(1, HEAD_CHUNK_BYTES // (4 * width))
+            out = torch.empty((*x.shape[:-1], rows), dtype=torch.float32)
+            for start in range(0, rows, chunk):
+                out[..., start : start + chunk] = x @ self.table[start : start + chunk].to(torch.float32).T
+            return out
+
+    def embed_rows_in_float32(module, args):
+        """Forward pre-hook of the embedding: its weight becomes the float32 rows of the ids in
+        this call, the ids their positions in it (the module's own forward, Gemma's scale
+        included, then runs exactly as on the whole float32 table)."""
+        used, positions = torch.unique(args[0], return_inverse=True)
+        module._parameters["weight"] = torch.nn.Parameter(module.table16[used].to(torch.float32), requires_grad=False)
+        return (positions, *args[1:])
+
+    return ChunkedHead, embed_rows_in_float32
+
+
 def load_packed_model(folder: Path):
-    """The checkpoint as a transformers model: quantized Linears packed, every other tensor float32."""
+    """The checkpoint as a transformers model: quantized Linears packed, the embedding table and
+    output head as stored (float16; looked up and multiplied in float32), the rest float32."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .stream import parameters_on_meta
+    from .stream import LAYOUTS, Layout, parameters_on_meta
 
     folder = Path(folder)
     bits = _bits(read_config(folder), folder)
@@ -95,7 +128,11 @@ def load_packed_model(folder: Path):
             for name in fh.keys():
                 raw[name] = fh.get_tensor(name)
     expected = {n for n, p in model.named_parameters()}
-    loaded = set()
+    layout = LAYOUTS.get(config.model_type, Layout())
+    embed_name, head_name = layout.embed + ".weight", layout.head + ".weight"
+    tables = {name: raw.pop(name) for name in (embed_name, head_name) if name in raw}
+    if embed_name not in tables:
+        raise InputError(f"{folder}: the checkpoint does not match its config.json (missing {embed_name})")
     for name in sorted(raw):
         prefix, _, leaf = name.rpartition(".")
         if leaf == "qweight":
@@ -108,7 +145,6 @@ def load_packed_model(folder: Path):
             except AttributeError:
                 raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {prefix})") from None
             setattr(parent, attr, packed_cls(*parts, None if bias is None else bias.to(torch.float32), bits))
-            loaded |= {f"{prefix}.weight", f"{prefix}.bias"}
         elif leaf not in _PACKED[1:] and name in raw:
             if name not in expected:
                 raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {name})")
@@ -116,10 +152,16 @@ def load_packed_model(folder: Path):
             tensor = raw[name]
             module = model.get_submodule(owner)
             module._parameters[attr] = torch.nn.Parameter(tensor.to(torch.float32) if tensor.is_floating_point() else tensor, requires_grad=False)
-            loaded.add(name)
     raw.clear()
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    head_cls, embed_hook = _half_table_modules()
+    embed = model.get_submodule(layout.embed)
+    embed.register_buffer("table16", tables[embed_name], persistent=False)
+    embed.padding_idx = None  # only gradients use it, and F.embedding checks it against the (compact) table
+    embed.register_forward_pre_hook(embed_hook)
+    owner, _, attr = layout.head.rpartition(".")
+    # a tied head (no tensor of its own in the checkpoint) multiplies by the embedding table
+    setattr(model.get_submodule(owner) if owner else model, attr, head_cls(tables.get(head_name, tables[embed_name])))
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n != embed_name]
     if missing:
         raise InputError(f"{folder}: the checkpoint does not match its config.json (missing {missing[:3]})")
     return model.eval()
@@ -145,8 +187,14 @@ class GPTQRuntime(TransformersRuntime):
                 shapes.update({name: (fh.get_slice(name).get_shape(), fh.get_slice(name).get_dtype()) for name in fh.keys()})
         packed_names = {f"{n.rpartition('.')[0]}.{p}" for n in shapes if n.endswith(".qweight") for p in _PACKED}
         total, embedding, stored_float, widest = 0, 0, 0, 0
+        layout = LAYOUTS.get(config.get("model_type"), Layout())
         for name, (shape, dtype) in shapes.items():
             n = math.prod(shape)
+            if name in (layout.embed + ".weight", layout.head + ".weight"):  # kept as stored
+                total += n * DTYPE_BYTES[dtype]
+                if name.startswith(layout.embed):
+                    embedding = n * DTYPE_BYTES[dtype]
+                continue
             if name in packed_names:  # kept as stored
                 total += n * DTYPE_BYTES[dtype]
                 if name.endswith(".qweight"):  # unpacked per forward: int32 codes and their float32 values
@@ -154,8 +202,6 @@ class GPTQRuntime(TransformersRuntime):
                 continue
             total += 4 * n  # float32 in memory
             stored_float += n * DTYPE_BYTES[dtype]
-            if name.endswith("embed_tokens.weight"):
-                embedding = 4 * n
         packed = sum(f.stat().st_size for f in files)
         return {
             "config": config,
@@ -165,5 +211,5 @@ class GPTQRuntime(TransformersRuntime):
             # widest Linear's unpacked codes and weight exist during each forward call
             "load_transient_bytes": stored_float + widest,
             "deployed_weight_bytes": packed,
-            "deployed_bytes_read_per_token": packed - (0 if config.get("tie_word_embeddings", True) else embedding // 2),
+            "deployed_bytes_read_per_token": packed - (0 if config.get("tie_word_embeddings", True) else embedding),
         }

@@ -218,6 +218,7 @@ class LayerStream:
         used = sorted({t for window in windows for t in window})
         position = {t: i for i, t in enumerate(used)}
         embed = self.model.get_submodule(self.layout.embed)
+        embed.padding_idx = None  # only gradients use it, and F.embedding checks it against the (compact) table
         name = self.layout.embed + ".weight"
         if used and (used[0] < 0 or used[-1] >= self.source.tensors[name].shape[0]):
             raise ConversionError(f"{self.source.id}: token id {used[-1] if used[-1] >= 0 else used[0]} is outside the embedding")
