@@ -75,7 +75,13 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
             predicted = predict_convert_peak(source, parse_recipe(recipe, options))
         print(f"{name}: {LABELS[path]} ...", flush=True)
         before = set(out.iterdir()) if out.is_dir() else set()
-        wall, peak = measure(cmd, REPO)
+        try:
+            wall, peak = measure(cmd, REPO)
+        except SystemExit as exc:  # recorded, and the other paths still run
+            print(f"  failed: {exc}", flush=True)
+            rows.append({"shape": name, "params": params, "weights_bytes": weights, "path": path, "failed": str(exc)[-400:],
+                         "predicted_peak_bytes": predicted["total_bytes"], "predicted_terms": predicted["terms"]})
+            continue
         folder = None
         if recipe:
             [folder] = [p for p in set(out.iterdir()) - before if (p / "manifest.json").is_file()]
@@ -104,7 +110,7 @@ def slopes(result: dict) -> dict[str, dict[str, float]]:
     parameters, MB per billion parameters, per path."""
     out = {}
     for path in PATHS:
-        rows = [r for r in result["rows"] if r["path"] == path]
+        rows = [r for r in result["rows"] if r["path"] == path and "failed" not in r]
         if len(rows) < 2:
             continue
         xs = [r["params"] / 1e9 for r in rows]
@@ -117,6 +123,10 @@ def slopes(result: dict) -> dict[str, dict[str, float]]:
 def table(result: dict) -> str:
     lines = []
     for r in result["rows"]:
+        if "failed" in r:
+            lines.append([r["shape"], f"{r['params'] / 1e9:.2f}B", LABELS[r["path"]], "failed", "-",
+                          f"{r['predicted_peak_bytes'] / 1e6:,.0f} MB", r["failed"].splitlines()[-1][:80]])
+            continue
         error = 100 * (r["predicted_peak_bytes"] - r["peak_rss_bytes"]) / r["peak_rss_bytes"]
         lines.append([r["shape"], f"{r['params'] / 1e9:.2f}B", LABELS[r["path"]], f"{r['wall_s']:,.0f} s",
                       f"{r['peak_rss_bytes'] / 1e6:,.0f} MB", f"{r['predicted_peak_bytes'] / 1e6:,.0f} MB ({error:+.0f} %)",
@@ -134,7 +144,8 @@ def plot(result: dict) -> str:
 
     shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
     params = {r["shape"]: r["params"] for r in result["rows"]}
-    series = {LABELS[p]: [next((r["peak_rss_bytes"] / 1e9 for r in result["rows"] if r["shape"] == s and r["path"] == p), None)
+    series = {LABELS[p]: [next((r["peak_rss_bytes"] / 1e9 for r in result["rows"]
+                                if r["shape"] == s and r["path"] == p and "failed" not in r), None)
                           for s in shapes] for p in PATHS if any(r["path"] == p for r in result["rows"])}
     groups = [f"{s} ({params[s] / 1e9:.1f}B)" for s in shapes]
     svg = grouped_bars(groups, series, svg_id="scale-peak-rss", title="Peak RSS of each path against model size",

@@ -146,7 +146,10 @@ def _predict_peaks(src, recipes: list[Recipe], verify: bool, tokens: int, ctx: i
         return [], available_memory_bytes()
     predicted = []
     for recipe in recipes:
-        p = predict_convert_peak(src, recipe, verify=verify and recipe.format != "bnb", verify_tokens=tokens, verify_ctx=ctx)
+        try:
+            p = predict_convert_peak(src, recipe, verify=verify and recipe.format != "bnb", verify_tokens=tokens, verify_ctx=ctx)
+        except (KeyError, TypeError, ValueError):  # a config without a decoder's sizes: the format says what is wrong
+            return [], available_memory_bytes()
         predicted.append({"recipe": str(recipe), **p})
     return predicted, available_memory_bytes()
 

@@ -139,10 +139,10 @@ def _verification(shape: ModelShape, recipe: Recipe, tokens: int, ctx: int) -> d
     run beside it, then the windows compared."""
     windows = max(1, math.ceil(tokens / ctx))
     engine = sum(_engine(shape, windows, ctx).values())
-    if recipe.format == "gptq":  # packed tensors, float32 for the rest, one Linear unpacked at a time
-        float_rest = 4 * shape.embedding_params * (1 if shape.tied else 2)
-        runtime = (_artifact_bytes(shape, recipe) - 2 * shape.embedding_params * (1 if shape.tied else 2) + float_rest
-                   + 8 * shape.largest_linear_elements)
+    if recipe.format == "gptq":  # the checkpoint as stored, one Linear unpacked and one head chunk at a time
+        from .runtimes.stream import HEAD_CHUNK_BYTES
+
+        runtime = _artifact_bytes(shape, recipe) + 8 * shape.largest_linear_elements + HEAD_CHUNK_BYTES * 3 // 2
         llama = False
     else:
         runtime, llama = _artifact_bytes(shape, recipe), True
