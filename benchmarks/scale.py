@@ -160,22 +160,29 @@ def sections(result: dict) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="add Llama-3.1-8B's shape (16 GB on disk)")
-    ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {', '.join(SHAPES)}; merged into the "
+                    "existing results (their rows replaced)")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "scale")
     args = ap.parse_args()
     shapes = args.shapes.split(",") if args.shapes else [*DEFAULT_SHAPES, *(["llama-3.1-8b"] if args.full else [])]
     paths = args.paths.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in shapes:
-        rows += run_shape(name, paths, args.out)
-    result = {"rows": rows, "cpu_count": os.cpu_count()}
-    result["slopes"] = slopes(result)
-    print(f"\n{table(result)}\n\n{slope_table(result)}")
-    write_results(NAME, result)
     results_dir = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results"))
-    (results_dir / PLOT).write_text(plot(result), encoding="utf-8")
+    existing = results_dir / f"{NAME}.json"
+    # with --shapes, the other shapes' rows are kept; the results are written after each shape,
+    # so a run cut short keeps what it measured
+    kept = json.loads(existing.read_text())["rows"] if args.shapes and existing.is_file() else []
+    for name in shapes:
+        new = run_shape(name, paths, args.out)
+        done = {(r["shape"], r["path"]) for r in new}
+        kept = [r for r in kept if (r["shape"], r["path"]) not in done] + new
+        rows = sorted(kept, key=lambda r: (list(SHAPES).index(r["shape"]), list(PATHS).index(r["path"])))
+        result = {"rows": rows, "cpu_count": os.cpu_count()}
+        result["slopes"] = slopes(result)
+        write_results(NAME, result)
+        (results_dir / PLOT).write_text(plot(result), encoding="utf-8")
+    print(f"\n{table(result)}\n\n{slope_table(result)}")
     print(json.dumps(result["slopes"], indent=1))
 
 

@@ -92,16 +92,10 @@ def convert(
     src = resolve_source(source, allow_pickle=allow_pickle)
     progress = progress or Progress(False)
     predicted, available = _predict_peaks(src, recipes, verify, verify_tokens, verify_ctx)
-    if check_memory and available is not None:
-        over = [p for p in predicted if p["total_bytes"] > available]
-        if over:
-            worst = max(over, key=lambda p: p["total_bytes"])
-            raise InputError(
-                f"{worst['recipe']}: predicted peak memory {worst['total_bytes'] / 1e9:.1f} GB ({worst['phase']}) exceeds the "
-                f"{available / 1e9:.1f} GB available; free memory, convert without --verify, or pass --ignore-memory to try anyway"
-            )
-    if dry_run:
+    if dry_run:  # the caller shows the predictions, then ``memory_refusal`` says whether they fit
         return ConvertResult(source=src.to_manifest(), predicted_peaks=predicted, available_bytes=available, dry_run=True)
+    if check_memory and (message := memory_refusal(predicted, available)):
+        raise InputError(message)
     checker, reference = None, None
     if verify:
         reference = Reference(src, threads=threads) if src.kind == "hf" else None
@@ -135,6 +129,18 @@ def convert(
     result.elapsed_s = time.perf_counter() - start
     result.peak_rss_bytes = _peak_rss_bytes()
     return result
+
+
+def memory_refusal(predicted: list[dict[str, Any]], available: int | None) -> str | None:
+    """The one-line refusal when a predicted peak exceeds the memory available, else None."""
+    over = [p for p in predicted if available is not None and p["total_bytes"] > available]
+    if not over:
+        return None
+    worst = max(over, key=lambda p: p["total_bytes"])
+    other = {k: v for k, v in worst.get("phases", {}).items() if k != "verify"}
+    hint = f", --no-verify (peak {max(other.values()) / 1e9:.1f} GB)" if worst["phase"] == "verify" and other else ""
+    return (f"{worst['recipe']}: predicted peak memory {worst['total_bytes'] / 1e9:.1f} GB ({worst['phase']}) exceeds the "
+            f"{available / 1e9:.1f} GB available; free memory{hint}, or pass --ignore-memory to try anyway")
 
 
 def _predict_peaks(src, recipes: list[Recipe], verify: bool, tokens: int, ctx: int) -> tuple[list[dict[str, Any]], int | None]:

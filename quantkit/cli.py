@@ -84,6 +84,8 @@ def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, t
         check_memory=not ignore_memory,
     )
     if dry_run:
+        from .api import memory_refusal
+        from .errors import InputError
         from .report.render import predicted_peaks_table
 
         result = run_convert(source, recipes or DEFAULT_RECIPES, out_dir, dry_run=True, **options)
@@ -91,6 +93,8 @@ def convert(ctx, source, recipes, out_dir, verify, verify_files, allow_pickle, t
             click.echo(json.dumps(result.to_dict(), indent=2))
         else:
             predicted_peaks_table(result)
+        if not ignore_memory and (message := memory_refusal(result.predicted_peaks, result.available_bytes)):
+            raise InputError(message)  # exit 2, after the predictions are shown
         return
     if gate_policy:
         result, verdict = convert_and_gate(source, recipes or DEFAULT_RECIPES, out_dir, gate_policy,

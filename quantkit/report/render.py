@@ -99,10 +99,13 @@ def convert_table(result) -> None:
 def predicted_peaks_table(result) -> None:
     """``convert --dry-run``: each recipe's predicted peak memory, its largest phase, its terms."""
     out = console()
-    rows = [[p["recipe"], _size(p["total_bytes"]), p["phase"], ", ".join(f"{k} {_size(v)}" for k, v in p["terms"].items())]
+    fits = {True: "yes", False: "NO", None: "?"}
+    rows = [[p["recipe"], _size(p["total_bytes"]),
+             fits[None if result.available_bytes is None else p["total_bytes"] <= result.available_bytes],
+             p["phase"], ", ".join(f"{k} {_size(v)}" for k, v in p["terms"].items())]
             for p in result.predicted_peaks]
     print_table(f"quantkit convert --dry-run: {result.source['id']} (predicted, nothing converted)",
-                [("recipe", ID), ("peak", NUM), ("phase", TEXT), ("terms", TEXT)], rows, out)
+                [("recipe", ID), ("peak", NUM), ("fits", TEXT), ("phase", TEXT), ("terms", TEXT)], rows, out)
     available = "unknown" if result.available_bytes is None else _size(result.available_bytes)
     out.print(f"available here: {available}" + ("" if rows else "; no prediction for a GGUF source (llama.cpp requantizes one tensor at a time)"))
 
