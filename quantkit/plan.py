@@ -144,13 +144,22 @@ def plan(
     state_file = out_dir / "plan-state.json"
     state = _state(state_file, src.fingerprint)
 
+    from .footprint import available_memory_bytes, predict_convert_peak
+    from .recipe import parse_recipe
+
+    available = available_memory_bytes()
     considered, queue = [], []
     for cand in candidates:
         est = estimate_target(_facts(cand, shape, static), target, ctx, None)
+        # converting happens here, on this machine (without verification: the profile measures)
+        peak = predict_convert_peak(src, parse_recipe(cand.recipe), verify=False)["total_bytes"]
         row = {"recipe": cand.recipe + (" --static-shapes" if static and cand.recipe.startswith("onnx:") else ""),
                "estimated_bytes": est["needed_bytes"], "fits": est["fits"], "compatible": est["compatible"],
-               "reasons": est["reasons"], "estimated_decode_tokens_per_s": est.get("decode_tokens_per_s")}
+               "reasons": est["reasons"], "estimated_decode_tokens_per_s": est.get("decode_tokens_per_s"),
+               "predicted_convert_peak_bytes": peak}
         why = [] if est["fits"] else [f"does not fit ({est['needed_bytes'] / 1e9:.2f} GB > {est['usable_bytes'] / 1e9:.2f} GB usable)"]
+        if available is not None and peak > available:
+            why.append(f"converting needs {peak / 1e9:.1f} GB here (predicted), {available / 1e9:.1f} GB available")
         why += est["reasons"]
         if min_decode_tps and (est.get("decode_tokens_per_s") or 0) < min_decode_tps:
             why.append(f"estimated decode {est.get('decode_tokens_per_s', 0):.1f} tok/s < {min_decode_tps}")

@@ -187,12 +187,13 @@ def plan_table(result: dict, out_dir) -> None:
     rows = []
     for r in result["candidates"]:
         decode = r.get("decode_tokens_per_s") or r.get("estimated_decode_tokens_per_s")
-        rows.append([r["recipe"], _mb(r["estimated_bytes"]), "-" if decode is None else f"{decode:.1f}",
-                     "-" if "kld_mean" not in r else f"{r['kld_mean']:.4f}", r["status"]])
+        convert_peak = r.get("predicted_convert_peak_bytes")
+        rows.append([r["recipe"], _mb(r["estimated_bytes"]), "-" if convert_peak is None else _mb(convert_peak),
+                     "-" if decode is None else f"{decode:.1f}", "-" if "kld_mean" not in r else f"{r['kld_mean']:.4f}", r["status"]])
     out = console()
     print_table(f"quantkit plan for {result['profile']} (max kld_mean {result['max_kld']}, ctx {result['ctx']})",
-                [("recipe", ID), ("est. memory", NUM), ("est. decode tok/s", NUM), ("kld_mean", NUM), ("status", TEXT)],
-                rows, out)
+                [("recipe", ID), ("est. memory", NUM), ("converting here", NUM), ("est. decode tok/s", NUM), ("kld_mean", NUM),
+                 ("status", TEXT)], rows, out)
     out.print(f"Pareto front (size against KLD) of the profiled: {', '.join(result['pareto_front']) or '-'}", soft_wrap=True)
     rec = result["recommendation"]
     if rec:
