@@ -49,6 +49,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/published_speeds.py
 	# GPTQModel in an environment of its own (.bench-envs/, torch 2.14.1): never in bench-quick
 	$(BIN)/python benchmarks/gptqmodel_check.py
+	# random checkpoints of 0.5B-3B parameters (10 GB under out/bench/scale; --full adds 8B, 16 GB)
+	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/readme.py
 
 # each script on the smallest setting, in a few minutes; results go to benchmarks/results/quick/
