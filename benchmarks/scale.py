@@ -105,6 +105,27 @@ def _fit(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
+def repredict(work: Path) -> None:
+    from quantkit.footprint import predict_convert_peak, predict_profile_peak
+    from quantkit.recipe import parse_recipe
+    from quantkit.source import resolve_source
+
+    path = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / f"{NAME}.json"
+    result = json.loads(path.read_text())
+    for r in result["rows"]:
+        source = resolve_source(str(random_shaped(work, r["shape"])))
+        recipe, _ = PATHS[r["path"]]
+        if r["path"] == "profile":
+            gguf = next(x for x in result["rows"] if x["shape"] == r["shape"] and x["path"] == "gguf")
+            predicted = predict_profile_peak(gguf["artifact_bytes"], source, chunks=1)
+        else:
+            predicted = predict_convert_peak(source, parse_recipe(recipe, {"calib_samples": 8, "calib_seqlen": 256} if r["path"] == "gptq" else {}))
+        r["predicted_peak_bytes"], r["predicted_terms"] = predicted["total_bytes"], predicted["terms"]
+    result = {k: v for k, v in result.items() if k not in ("benchmark", "machine", "date")}
+    write_results(NAME, result)
+    print(table(result))
+
+
 def slopes(result: dict) -> dict[str, dict[str, float]]:
     """Least-squares slope of peak RSS (and of peak minus the artifact a path maps) against
     parameters, MB per billion parameters, per path."""
@@ -164,7 +185,11 @@ def main() -> None:
                     "existing results (their rows replaced)")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "scale")
+    ap.add_argument("--repredict", action="store_true", help="recompute the predicted peaks of the existing results "
+                    "with the current memory model (the checkpoints must still be under --out); measure nothing")
     args = ap.parse_args()
+    if args.repredict:
+        return repredict(args.out)
     shapes = args.shapes.split(",") if args.shapes else [*DEFAULT_SHAPES, *(["llama-3.1-8b"] if args.full else [])]
     paths = args.paths.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
