@@ -38,14 +38,12 @@ __all__ = ["predict_convert_peak", "predict_profile_peak", "available_memory_byt
 #: (265 MB on CPython 3.11 with torch 2.13 and transformers 5.24) and what a run adds to the
 #: heap besides its large arrays (tokenizers, configs, small tensors: ~180 MB measured)
 LIBRARIES_BYTES = 450 * 10**6
-#: what a llama.cpp quantizing child holds besides the tensor (its libraries)
+#: what a llama.cpp quantizing child holds besides the tensor it works on: fitted, with the tensor
+#: terms below, on the 3B shape quantized to q4_k_m without verification (2,194 MB measured)
 QUANTIZER_BASE_BYTES = 60 * 10**6
-# bits per weight of the artifact of each recipe (llama.cpp's figures for its types, the main
-# type of each GGUF mix; GPTQ 4 bits + fp16 scale and packed zero per group)
-_GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q5_0": 5.5, "q4_k_m": 4.85,
-              "q4_k_s": 4.58, "q4_0": 4.5, "q3_k_m": 3.91, "q2_k": 3.35}
-
-_ONNX_BITS = {"int4": 5.0, "int8": 9.0, "fp16": 16.0, "fp32": 32.0}
+# bits per weight of the recipes the planner's table (plan.CANDIDATES) does not list
+_FLOAT_BITS = {"f32": 32.0, "fp32": 32.0, "f16": 16.0, "fp16": 16.0, "bf16": 16.0}
+_OTHER_QUANTIZED_BITS = 8.5  # an unlisted quantized GGUF type: at most q8_0's
 #: peak bytes per parameter of onnxruntime-genai's builder writing onnx:int4 from a float16
 #: checkpoint, measured on the Qwen2.5-0.5B shape (4,568 MB for 0.49B parameters, libraries apart)
 ONNX_BYTES_PER_PARAM = 8.3
@@ -65,7 +63,6 @@ class ModelShape:
     tied: bool
     params: int
     embedding_params: int
-    stored_bytes: int  # the weights as stored
     largest_block_fp32: int
     largest_tensor_stored: int
     largest_tensor_elements: int
@@ -90,7 +87,6 @@ class ModelShape:
             n_head=sizes["n_head"], n_head_kv=sizes["n_head_kv"], head_dim=sizes["head_dim"], vocab=sizes["n_vocab"],
             tied=(layout.head + ".weight") not in source.tensors,
             params=sum(elements.values()), embedding_params=elements.get(embed.name, 0) if embed else 0,
-            stored_bytes=sum(elements[t.name] * DTYPE_BYTES.get(t.dtype, 4) for t in tensors),
             largest_block_fp32=largest_block_bytes(source, layout),
             largest_tensor_stored=elements[largest.name] * DTYPE_BYTES.get(largest.dtype, 4),
             largest_tensor_elements=elements[largest.name],
@@ -122,20 +118,27 @@ def _compare(shape: ModelShape, window: int, n_ctx: int, llama: bool, llama_wind
     return 2 * logits + divergence  # the float32 model's output and the reference's
 
 
+def _bits(recipe: Recipe) -> tuple[float, float]:
+    """(bits per weight, bits per embedding/head weight) of the artifact of ``recipe``: the
+    planner's table, by recipe or by its base scheme (``gptq:w4g128-rtn`` as ``gptq:w4g128``)."""
+    from .plan import CANDIDATES
+
+    table = {c.recipe: (c.bits_per_weight, c.embedding_bits) for c in CANDIDATES}
+    base = f"{recipe.format}:{recipe.scheme.split('-')[0]}"
+    if str(recipe) in table or base in table:
+        return table.get(str(recipe)) or table[base]
+    if recipe.format == "gptq":  # w{bits}g{group}: fp16 scale and packed zero per group, fp16 embedding
+        bits = int(recipe.scheme[1])
+        return bits + 0.25, 16.0
+    bits = _FLOAT_BITS.get(recipe.scheme.split("-")[0], _OTHER_QUANTIZED_BITS)
+    return bits, max(bits, 6.56 if bits < 16 else bits)  # llama.cpp mixes keep the head at q6_k or more
+
+
 def _artifact_bytes(shape: ModelShape, recipe: Recipe) -> int:
     """Estimated size of the artifact (what its runtime holds during verification)."""
-    body = shape.params - shape.embedding_params * (1 if shape.tied else 2)
-    embedding = shape.embedding_params * (1 if shape.tied else 2)
-    if recipe.format == "gguf":
-        bits = _GGUF_BITS.get(recipe.scheme, 8.5)
-        return int(body * bits / 8 + embedding * min(bits + 1.7, 16) / 8)
-    if recipe.format == "gptq":
-        weight_bits = int(recipe.scheme[1]) if recipe.scheme[1].isdigit() else 4
-        return int(body * (weight_bits + 0.25) / 8 + embedding * 2)
-    if recipe.format == "onnx":  # MatMulNBits blocks of 32 with float32 scales; int8 keeps a float32 embedding
-        bits = next((b for prefix, b in _ONNX_BITS.items() if recipe.scheme.startswith(prefix)), 32)
-        return int(body * bits / 8 + embedding * (32 if recipe.scheme.startswith("int8") else bits) / 8)
-    return shape.stored_bytes
+    tables = shape.embedding_params * (1 if shape.tied else 2)  # the embedding and an untied head
+    bits, table_bits = _bits(recipe)
+    return int((shape.params - tables) * bits / 8 + tables * table_bits / 8)
 
 
 def _verification(shape: ModelShape, recipe: Recipe, tokens: int, ctx: int) -> dict[str, int]:

@@ -146,25 +146,15 @@ def _fp32_flops(threads: int) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def host_profile(threads: int | None = None, measured: dict | None = None) -> HardwareProfile:
     """This machine, measured now: RAM, memory bandwidth (or the profiler's ``measured`` host
     block, to measure it once), float32 GEMM throughput."""
+    from ..footprint import available_memory_bytes
     from ..profile.roofline import host_info
 
     threads = threads or os.cpu_count() or 1
     host = measured or host_info(threads)
-    available = _available_bytes() or host["ram_bytes"]
+    available = available_memory_bytes() or host["ram_bytes"]
     return HardwareProfile(
         name=HOST,
         kind="cpu",

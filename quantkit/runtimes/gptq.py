@@ -75,7 +75,7 @@ def _packed_linear_class():
 def _half_table_modules():
     import torch
 
-    from .stream import HEAD_CHUNK_BYTES
+    from .stream import embed_compact, head_logits
 
     class ChunkedHead(torch.nn.Module):
         """An output head kept as stored (float16), multiplied in float32 row chunks."""
@@ -86,19 +86,12 @@ def _half_table_modules():
 
         def forward(self, x):
             rows, width = self.table.shape
-            chunk = max(1, HEAD_CHUNK_BYTES // (4 * width))
-            out = torch.empty((*x.shape[:-1], rows), dtype=torch.float32)
-            for start in range(0, rows, chunk):
-                out[..., start : start + chunk] = x @ self.table[start : start + chunk].to(torch.float32).T
-            return out
+            return head_logits(x, rows, width, lambda start, stop: self.table[start:stop].to(torch.float32))
 
     def embed_rows_in_float32(module, args):
-        """Forward pre-hook of the embedding: its weight becomes the float32 rows of the ids in
-        this call, the ids their positions in it (the module's own forward, Gemma's scale
-        included, then runs exactly as on the whole float32 table)."""
-        used, positions = torch.unique(args[0], return_inverse=True)
-        module._parameters["weight"] = torch.nn.Parameter(module.table16[used].to(torch.float32), requires_grad=False)
-        return (positions, *args[1:])
+        """Forward pre-hook of the embedding: it runs on the float32 rows of the ids in this
+        call (``embed_compact``), the float16 table staying as stored."""
+        return (embed_compact(module, args[0], lambda used: module.table16[used].to(torch.float32)), *args[1:])
 
     return ChunkedHead, embed_rows_in_float32
 
@@ -133,10 +126,11 @@ def load_packed_model(folder: Path):
     tables = {name: raw.pop(name) for name in (embed_name, head_name) if name in raw}
     if embed_name not in tables:
         raise InputError(f"{folder}: the checkpoint does not match its config.json (missing {embed_name})")
+    packed = {name.rpartition(".")[0] for name in raw if name.endswith(".qweight")}
     for name in sorted(raw):
         prefix, _, leaf = name.rpartition(".")
         if leaf == "qweight":
-            bias = raw.pop(f"{prefix}.bias", None)
+            bias = raw.get(f"{prefix}.bias")
             parts = [raw[f"{prefix}.{p}"] for p in _PACKED]
             owner, _, attr = prefix.rpartition(".")
             try:
@@ -145,18 +139,15 @@ def load_packed_model(folder: Path):
             except AttributeError:
                 raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {prefix})") from None
             setattr(parent, attr, packed_cls(*parts, None if bias is None else bias.to(torch.float32), bits))
-        elif leaf not in _PACKED[1:] and name in raw:
+        elif prefix not in packed:  # a packed Linear's other tensors (bias included) went in with its qweight
             if name not in expected:
                 raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {name})")
-            owner, _, attr = name.rpartition(".")
             tensor = raw[name]
-            module = model.get_submodule(owner)
-            module._parameters[attr] = torch.nn.Parameter(tensor.to(torch.float32) if tensor.is_floating_point() else tensor, requires_grad=False)
+            model.get_submodule(prefix)._parameters[leaf] = torch.nn.Parameter(tensor.to(torch.float32) if tensor.is_floating_point() else tensor, requires_grad=False)
     raw.clear()
     head_cls, embed_hook = _half_table_modules()
     embed = model.get_submodule(layout.embed)
     embed.register_buffer("table16", tables[embed_name], persistent=False)
-    embed.padding_idx = None  # only gradients use it, and F.embedding checks it against the (compact) table
     embed.register_forward_pre_hook(embed_hook)
     owner, _, attr = layout.head.rpartition(".")
     # a tied head (no tensor of its own in the checkpoint) multiplies by the embedding table

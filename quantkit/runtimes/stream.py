@@ -7,7 +7,7 @@ every window are captured at block 0 with each block's keyword arguments (masks,
 embeddings), then each block is loaded from the checkpoint (upcast to float32), given to the
 caller, run on every window's hidden states and released before the next one is loaded. The
 output head runs last, one window at a time and in row chunks. Memory follows one block, the
-embedding table (during capture), one head chunk and the windows' hidden states, never the
+embedding rows the windows use, one head chunk and the windows' hidden states, never the
 number of layers (the same schedule as GPTQ's reference code and llm-compressor's sequential
 pipeline).
 """
@@ -25,7 +25,8 @@ import numpy as np
 from ..errors import ConversionError
 from ..source import Source
 
-__all__ = ["Layout", "LAYOUTS", "LayerStream", "BlockStep", "HEAD_CHUNK_BYTES", "parameters_on_meta", "largest_block_bytes"]
+__all__ = ["Layout", "LAYOUTS", "LayerStream", "BlockStep", "HEAD_CHUNK_BYTES", "parameters_on_meta", "largest_block_bytes",
+           "head_logits", "embed_compact"]
 
 #: float32 bytes of output-head rows multiplied at a time (the head of a 150k vocabulary is 1-2 GB)
 HEAD_CHUNK_BYTES = 128 << 20
@@ -58,7 +59,7 @@ def return_freed_memory() -> None:
     """Make glibc give large freed blocks back to the system. By default glibc raises its mmap
     threshold to the size of each mapped block freed (up to 32 MB), after which the engine's
     per-block tensors come from the heap and stay resident once freed: verification of a
-    0.5B-parameter model peaked at 4.1 GB instead of 1.0 GB. Fixing the threshold turns that
+    0.5B-parameter model peaked at 4.1 GB instead of 3.0 GB. Fixing the threshold turns that
     dynamic behaviour off (``mallopt(M_MMAP_THRESHOLD)``; a no-op where libc is not glibc)."""
     import ctypes
     import ctypes.util
@@ -105,6 +106,32 @@ def _to(obj: Any, device, memo: dict[int, Any]) -> Any:
     return obj
 
 
+def head_logits(hidden, rows: int, width: int, read_rows, device=None):
+    """float32 logits ``hidden @ W.T`` of an output head ``W`` [rows, width] that is read in row
+    chunks of ``HEAD_CHUNK_BYTES`` (``read_rows(start, stop)``: those rows as float32), so that
+    a 150k-row head is never whole in float32 (1-2 GB)."""
+    import torch
+
+    chunk = max(1, HEAD_CHUNK_BYTES // (4 * width))
+    out = torch.empty((*hidden.shape[:-1], rows), dtype=torch.float32)
+    for start in range(0, rows, chunk):
+        weight = read_rows(start, min(rows, start + chunk))
+        out[..., start : start + weight.shape[0]] = (hidden @ weight.to(device or hidden.device).T).cpu()
+    return out
+
+
+def embed_compact(embed, ids, read_rows):
+    """Give the embedding module ``embed`` a float32 table of only the rows ``ids`` use
+    (``read_rows(used)`` returns them) and return ``ids`` as positions in that table: the
+    module's own forward (Gemma's scale included) then runs as on the whole table."""
+    import torch
+
+    used, positions = torch.unique(ids, return_inverse=True)
+    embed.padding_idx = None  # only gradients use it, and F.embedding checks it against the (compact) table
+    embed._parameters["weight"] = torch.nn.Parameter(read_rows(used), requires_grad=False)
+    return positions
+
+
 @dataclass
 class BlockStep:
     """One decoder block, loaded, with the hidden states of every window that enter it.
@@ -124,9 +151,6 @@ class BlockStep:
         extra = kwargs.pop("_extra_args", ())
         out = self.block(self.inputs[i], *extra, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
-
-    def named_parameters(self) -> Iterator[tuple[str, Any]]:
-        return self.block.named_parameters()
 
 
 class LayerStream:
@@ -214,21 +238,23 @@ class LayerStream:
         for i, block in enumerate(self.blocks):
             block.forward = recorder(i)
         # the embedding module runs on a table of only the rows the windows use (a 150k-token
-        # vocabulary's table is 1-2 GB in float32), indexed by position in that table
-        used = sorted({t for window in windows for t in window})
-        position = {t: i for i, t in enumerate(used)}
+        # vocabulary's table is 1-2 GB in float32)
         embed = self.model.get_submodule(self.layout.embed)
-        embed.padding_idx = None  # only gradients use it, and F.embedding checks it against the (compact) table
         name = self.layout.embed + ".weight"
-        if used and (used[0] < 0 or used[-1] >= self.source.tensors[name].shape[0]):
-            raise ConversionError(f"{self.source.id}: token id {used[-1] if used[-1] >= 0 else used[0]} is outside the embedding")
-        rows = np.concatenate([reader.get_rows(name, t, t + 1) for t in used])
-        embed._parameters["weight"] = torch.nn.Parameter(torch.from_numpy(rows).to(self.device), requires_grad=False)
+        ids = torch.tensor([t for window in windows for t in window], dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.source.tensors[name].shape[0]):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ConversionError(f"{self.source.id}: token id {bad} is outside the embedding")
+
+        def read_rows(used):
+            rows = np.concatenate([reader.get_rows(name, t, t + 1) for t in used.tolist()])
+            return torch.from_numpy(rows).to(self.device)
+
+        positions = embed_compact(embed, ids, read_rows).to(self.device).split([len(w) for w in windows])
         try:
-            for window in windows:
-                ids = torch.tensor([[position[t] for t in window]], dtype=torch.long, device=self.device)
+            for window_positions in positions:
                 try:
-                    self.base(inputs_embeds=embed(ids), use_cache=False)
+                    self.base(inputs_embeds=embed(window_positions[None]), use_cache=False)
                 except _StopCapture:
                     pass
         finally:
@@ -252,29 +278,28 @@ class LayerStream:
                     step = BlockStep(i, n, self.load(prefix, reader), states, kwargs[i])
                     yield step
                     states = [step.forward(j) for j in range(len(states))]
-                    step.inputs = states
+                    step.inputs = states  # so the last step ends holding the final hidden states (``logits``)
                     self.release(prefix)
                     advance(1)
-            self._states = states
 
     def logits(self, windows: Sequence[list[int]], *, task=None) -> Iterator[np.ndarray]:
         """float32 logits ``[len(window), vocab]`` of each window, in order."""
         import torch
 
-        for _ in self.steps(windows, task=task):
+        last = None
+        for last in self.steps(windows, task=task):  # noqa: B007 (the final step carries the last hidden states)
             pass
-        states = self._states
+        states = last.inputs if last is not None else []
         with self.source.open_tensors() as reader, torch.inference_mode():
             norm = self.load(self.layout.norm, reader)
             rows, width = self.source.tensors[self.head_name].shape
-            chunk = max(1, HEAD_CHUNK_BYTES // (4 * width))
+
+            def read_rows(start, stop):
+                return torch.from_numpy(reader.get_rows(self.head_name, start, stop))
+
             try:
                 for hidden in states:
-                    hidden = norm(hidden)[0]
-                    out = torch.empty((hidden.shape[0], rows), dtype=torch.float32)
-                    for start in range(0, rows, chunk):
-                        weight = torch.from_numpy(reader.get_rows(self.head_name, start, min(rows, start + chunk)))
-                        out[:, start : start + weight.shape[0]] = (hidden @ weight.to(self.device).T).cpu()
+                    out = head_logits(norm(hidden)[0], rows, width, read_rows, self.device)
                     if self.softcap:  # Gemma 2's final logit soft-capping
                         out = torch.tanh(out / self.softcap) * self.softcap
                     yield out.numpy()

@@ -133,7 +133,7 @@ def write_quantized(folder: Path, source: Source, recipe: Recipe, progress: Prog
     bits = parse_scheme(recipe.scheme).bits
     stream = LayerStream(source, device=pick_device())
     names = stream.parameter_names()
-    blocks = _architecture(source).blocks + "."
+    blocks = stream.layout.blocks + "."
     first = next(i for i, n in enumerate(names) if n.startswith(blocks))
     last = max(i for i, n in enumerate(names) if n.startswith(blocks))
     writer = SafetensorsShardWriter(folder, MAX_SHARD_BYTES)

@@ -9,10 +9,9 @@ __all__ = ["ArchSpec", "ARCHITECTURES"]
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where a model keeps its decoder blocks and which Linears GPTQ quantizes, in the order
-    (and groups) of the true-sequential schedule."""
+    """Which Linears of a decoder block GPTQ quantizes, in the order (and groups) of the
+    true-sequential schedule (where the blocks are is the engine's ``runtimes.stream.Layout``)."""
 
-    blocks: str
     sequential: tuple[tuple[str, ...], ...]
 
     @property
@@ -21,7 +20,6 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = ArchSpec(
-    blocks="model.layers",
     sequential=(
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("self_attn.o_proj",),

@@ -121,7 +121,7 @@ def quantize_blocks(
                         advance(1)
                 else:
                     done, figures = _gptq_block(step, linears, spec, settings, advance)
-            on_block(step, {f"{spec.blocks}.{step.index}.{name}": q for name, q in done.items()})
+            on_block(step, {f"{stream.layout.blocks}.{step.index}.{name}": q for name, q in done.items()})
             result.quantized_linears += len(done)
             result.layers.append({"layer": step.index, **figures})
     if torch.cuda.is_available():
