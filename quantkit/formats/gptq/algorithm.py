@@ -157,21 +157,42 @@ def _finish(codes, scales, zeros, g_idx, loss: float = 0.0, damp: float = 0.0) -
     )
 
 
+def _lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L by halves, inv([[A, 0], [B, C]]) = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]]:
+    the work is matrix products, which run near the machine's peak, where solving against the
+    identity would cost n³ in triangular solves."""
+    n = lower.shape[0]
+    if n <= 1024:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    k = n // 2
+    out = torch.zeros_like(lower)
+    out[:k, :k] = a_inv = _lower_triangular_inverse(lower[:k, :k])
+    out[k:, k:] = c_inv = _lower_triangular_inverse(lower[k:, k:])
+    out[k:, :k] = torch.mm(c_inv, lower[k:, :k] @ a_inv).neg_()
+    return out
+
+
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H⁻¹ after dampening (GPTQ, Section 4, "Cholesky Reformulation").
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) after dampening (GPTQ, Section 4, "Cholesky
+    Reformulation"), from one Cholesky factorization: with J the order-reversing permutation and
+    JHJ = LLᵀ, U = J L⁻¹ J (the reference code's cholesky, cholesky_inverse, cholesky computes the
+    same factor with about twice the work and memory).
 
     λ = damp · mean(diag H) is added to the diagonal; if H is still not positive definite
     (too few calibration tokens for the width, or float32 rounding on a near-singular H), λ grows
     tenfold until it reaches mean(diag H) itself before giving up."""
     mean_diag = torch.mean(torch.diag(hessian)).item()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     while True:
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        flipped = hessian.flip(0, 1)
+        flipped.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        del flipped
         if info.item() == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info.item() == 0:
-                return upper, damp
+            inverse = _lower_triangular_inverse(lower)
+            del lower
+            if torch.isfinite(inverse.diagonal()).all():
+                return inverse.flip(0, 1), damp
         if damp >= _MAX_DAMP:
             break
         damp = min(damp * 10, _MAX_DAMP)
@@ -222,19 +243,22 @@ def gptq_quantize(
 
     hinv, damp_used = _inverse_cholesky(h, damp)
     del h
-    codes = torch.zeros_like(w)
+    # transposed: one input column of W is a contiguous row here, so the per-column work (the
+    # inner loop below, the part of GPTQ that cannot be batched) reads and updates contiguous memory
+    wt = w.t().contiguous()
+    del w
+    codes = torch.zeros_like(wt)
     losses = torch.zeros(rows, device=device)
     n_groups = grid.n_groups(columns)
     scales = torch.zeros(n_groups, rows, device=device)
     zeros = torch.zeros(n_groups, rows, device=device)
     if static:
         scales[:], zeros[:] = torch.stack([s for s, _ in static]), torch.stack([z for _, z in static])
+    err1 = torch.empty(block_size, rows, device=device)
 
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        w1 = wt[i1:i2]  # a view: updated in place, quantized row by row
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -243,21 +267,23 @@ def gptq_quantize(
             else:
                 g = col // size
                 if col % size == 0:  # a new group: its grid from the error-updated weights
-                    scales[g], zeros[g] = grid_params(w1[:, i : i + size], grid)
-            q = quantize_codes(w1[:, i], scales[g], zeros[g], grid.maxq)
-            q1[:, i] = q
-            deq = dequantize_codes(q, scales[g], zeros[g])
-            d = hinv1[i, i]
-            losses += (w1[:, i] - deq) ** 2 / d**2 / 2
-            err = (w1[:, i] - deq) / d
+                    scales[g], zeros[g] = grid_params(w1[i : i + size].t(), grid)
+            x = w1[i]
+            q = quantize_codes(x, scales[g], zeros[g], grid.maxq)
+            codes[col] = q
+            err = err1[i]
+            torch.sub(x, dequantize_codes(q, scales[g], zeros[g]), out=err)
+            err.div_(hinv1[i, i])
             # lazy batch update inside the block (Section 4, "Lazy Batch-Updates")
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        codes[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            if i + 1 < i2 - i1:
+                w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1)
+        done = err1[: i2 - i1]
+        losses += done.square().sum(0) / 2  # Σ (w - q)² / [H⁻¹]ᵢᵢ² / 2 over the block's columns
+        if i2 < columns:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), done, alpha=-1)
 
     inverse = torch.argsort(perm)
-    codes = codes[:, inverse]
+    codes = codes.t()[:, inverse].contiguous()
     if static_groups or grid.group_size <= 0:
         g_idx = torch.arange(columns, device=device) // size
     else:

@@ -60,19 +60,33 @@ def _linears(block: torch.nn.Module, spec: ArchSpec, index: int) -> dict[str, to
     return found
 
 
+class _GroupSeen(Exception):
+    """Raised by the hook that completes a group: the rest of the block's forward pass would not
+    change the group's Hessians (an MLP after the attention projections is most of a block's work)."""
+
+
 def _gptq_block(step, linears: dict[str, torch.nn.Linear], spec: ArchSpec, settings: GPTQSettings, advance) -> tuple[dict, dict]:
     """Quantize one block's Linears group by group; (codes by Linear name, per-block figures)."""
     done: dict[str, QuantizedWeight] = {}
     losses, raised = [], {}
     for group in spec.sequential:
         hessians = {name: HessianAccumulator(linears[name].in_features, step.inputs[0].device) for name in group}
-        handles = [
-            linears[name].register_forward_hook(lambda m, args, out, acc=hessians[name]: acc.add(args[0]))
-            for name in group
-        ]
+        pending: set[str] = set()
+
+        def hook(module, args, out, name):
+            hessians[name].add(args[0])
+            pending.discard(name)
+            if not pending:
+                raise _GroupSeen
+
+        handles = [linears[name].register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name in group]
         try:
             for j in range(len(step.inputs)):
-                step.forward(j)
+                pending.update(group)
+                try:
+                    step.forward(j)
+                except _GroupSeen:
+                    pass
         finally:
             for h in handles:
                 h.remove()
