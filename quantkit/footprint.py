@@ -157,11 +157,13 @@ def _verification(shape: ModelShape, recipe: Recipe, tokens: int, ctx: int) -> d
 
 
 def _gptq_work(shape: ModelShape, recipe: Recipe) -> int:
-    """GPTQ's Hessians (one group: q/k/v share the widest-input ones) and work arrays, or RTN's codes."""
+    """GPTQ's Hessians and work arrays, or RTN's codes. The widest Hessian is at its largest while
+    its inverse's Cholesky factor is formed: the accumulated H, the working copy, its reversed copy
+    or factor, and the factor's reversed result (2.25 n² measured inside the factorization)."""
     if recipe.scheme.endswith("-rtn"):
         return 16 * shape.largest_linear_elements  # int64 codes, float32 dequantized and work copy
     n = shape.widest_linear_in
-    return 3 * n * n * 4 + 4 * shape.largest_linear_elements * 4
+    return int(4.25 * n * n * 4) + 4 * shape.largest_linear_elements * 4
 
 
 def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True, verify_tokens: int = 2048,

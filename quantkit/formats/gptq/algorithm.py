@@ -157,20 +157,20 @@ def _finish(codes, scales, zeros, g_idx, loss: float = 0.0, damp: float = 0.0) -
     )
 
 
-def _lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """L⁻¹ of a lower-triangular L by halves, inv([[A, 0], [B, C]]) = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]]:
-    the work is matrix products, which run near the machine's peak, where solving against the
-    identity would cost n³ in triangular solves."""
+def _invert_lower_triangular_(lower: torch.Tensor) -> torch.Tensor:
+    """L ← L⁻¹ in place for a lower-triangular L, by halves: inv([[A, 0], [B, C]]) =
+    [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]]. The work is matrix products, which run near the machine's peak
+    (solving against the identity would cost n³ in triangular solves), and the only extra memory is
+    one product the size of B."""
     n = lower.shape[0]
     if n <= 1024:
         eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
+        return lower.copy_(torch.linalg.solve_triangular(lower, eye, upper=False))
     k = n // 2
-    out = torch.zeros_like(lower)
-    out[:k, :k] = a_inv = _lower_triangular_inverse(lower[:k, :k])
-    out[k:, k:] = c_inv = _lower_triangular_inverse(lower[k:, k:])
-    out[k:, :k] = torch.mm(c_inv, lower[k:, :k] @ a_inv).neg_()
-    return out
+    a_inv = _invert_lower_triangular_(lower[:k, :k])
+    c_inv = _invert_lower_triangular_(lower[k:, k:])
+    lower[k:, :k] = torch.mm(c_inv, lower[k:, :k] @ a_inv).neg_()
+    return lower
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -189,10 +189,10 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor,
         lower, info = torch.linalg.cholesky_ex(flipped)
         del flipped
         if info.item() == 0:
-            inverse = _lower_triangular_inverse(lower)
-            del lower
+            inverse = _invert_lower_triangular_(lower)
             if torch.isfinite(inverse.diagonal()).all():
                 return inverse.flip(0, 1), damp
+            del lower, inverse
         if damp >= _MAX_DAMP:
             break
         damp = min(damp * 10, _MAX_DAMP)
