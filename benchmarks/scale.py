@@ -8,7 +8,8 @@ Checkpoints with the real shapes of Qwen2.5-0.5B, DeepSeek-R1-Distill-Qwen-1.5B 
 tensor with a fixed seed under out/bench/scale (``_models.random_shaped``). For each, in fresh
 processes: ``convert --to gguf:q4_k_m`` (verification on), ``profile --chunks 1`` of that GGUF,
 ``convert --to gptq:w4g128-rtn``, ``convert --to gptq:w4g128 --calib-samples 8 --calib-seqlen
-256`` and ``convert --to onnx:int4``: wall time, peak RSS (the largest process of the run) and the
+256`` and ``convert --to onnx:int4`` (quantkit's streamed RTN checkpoint, then onnxruntime-genai's
+builder on it): wall time, peak RSS (the largest process of the run) and the
 predicted peak. Prints a table and the slope of each path (MB of peak per billion parameters);
 writes benchmarks/results/scale.json and, from it, benchmarks/results/scale_peak_rss.svg.
 """
@@ -21,12 +22,13 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import markdown_table, measure, write_results  # noqa: E402
+from _measure import machine, markdown_table, measure, write_results  # noqa: E402
 from _models import SHAPES, random_shaped  # noqa: E402
 
 NAME = "scale"
@@ -41,7 +43,7 @@ PATHS = {
     "onnx": ("onnx:int4", []),
 }
 LABELS = {"gguf": "convert gguf:q4_k_m (verified)", "profile": "profile --chunks 1", "rtn": "convert gptq:w4g128-rtn",
-          "gptq": "convert gptq:w4g128 (8x256 calibration)", "onnx": "convert onnx:int4"}
+          "gptq": "convert gptq:w4g128 (8x256 calibration)", "onnx": "convert onnx:int4 (RTN checkpoint, builder)"}
 
 
 def _artifact_bytes(folder: Path) -> int:
@@ -91,6 +93,7 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
         artifact = _artifact_bytes(folder or gguf_artifact)
         print(f"  {wall:.0f} s, peak {peak / 1e6:,.0f} MB, predicted {predicted['total_bytes'] / 1e6:,.0f} MB", flush=True)
         rows.append({"shape": name, "params": params, "weights_bytes": weights, "path": path, "wall_s": wall,
+                     "machine": machine(), "date": time.strftime("%Y-%m-%d"),
                      "peak_rss_bytes": peak, "predicted_peak_bytes": predicted["total_bytes"],
                      "predicted_terms": predicted["terms"], "artifact_bytes": artifact})
         if folder is not None and path != "gguf":  # the disk is needed for the next paths

@@ -166,6 +166,38 @@ def _gptq_work(shape: ModelShape, recipe: Recipe) -> int:
     return int(4.25 * n * n * 4) + 4 * shape.largest_linear_elements * 4
 
 
+def _gptq_phase(shape: ModelShape, recipe: Recipe) -> dict[str, int]:
+    """GPTQ or RTN on the layer-streaming engine (``recipe`` a ``gptq:`` recipe)."""
+    samples = int(recipe.option("calib_samples", 128)) if not recipe.scheme.endswith("-rtn") else 0
+    seqlen = int(recipe.option("calib_seqlen", 512))
+    engine = _engine(shape, samples, seqlen) if samples else {"engine_block_or_head": shape.largest_block_fp32}
+    return {"libraries": LIBRARIES_BYTES, **engine, "gptq_work": _gptq_work(shape, recipe)}
+
+
+def _onnx_prequantized(source: Source, recipe: Recipe) -> Recipe | None:
+    """The ``gptq:`` recipe an ONNX recipe is built from, when it is built from one."""
+    from .formats.onnx import parse_scheme, prequantized
+    from .formats.onnx.export import model_kind
+    from .formats.options import CALIBRATION_OPTION_NAMES
+    from .recipe import parse_recipe
+
+    scheme = parse_scheme(recipe.scheme)
+    if (recipe.option("static_shapes", False) or model_kind(source.config) != "decoder"
+            or not prequantized(scheme, source.config)):
+        return None
+    if scheme.algo == "rtn":
+        return parse_recipe(f"gptq:w4g{scheme.block_size}-rtn")
+    return parse_recipe(f"gptq:w4g{scheme.block_size}", {k: recipe.option(k, None) for k in CALIBRATION_OPTION_NAMES
+                                                          if recipe.option(k, None) is not None})
+
+
+def _builder_prequantized(shape: ModelShape, checkpoint: Recipe) -> dict[str, int]:
+    """onnxruntime-genai's builder on a GPTQ checkpoint (provisional, refitted below)."""
+    packed = int(0.57 * (shape.params - shape.embedding_params * (1 if shape.tied else 2)))
+    tables = shape.embedding_params * (1 if shape.tied else 2)
+    return {"builder_packed": 2 * packed, "builder_float_tables": 14 * tables}
+
+
 def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True, verify_tokens: int = 2048,
                          verify_ctx: int = 512) -> dict[str, Any]:
     """Predicted peak resident bytes of ``convert`` to ``recipe``: ``{"total_bytes", "phase",
@@ -176,14 +208,16 @@ def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True,
         phases["quantize"] = {"quantizer": QUANTIZER_BASE_BYTES,
                               "largest_tensor": shape.largest_tensor_stored + 5 * shape.largest_tensor_elements}
     elif recipe.format == "gptq":
-        samples = int(recipe.option("calib_samples", 128)) if not recipe.scheme.endswith("-rtn") else 0
-        seqlen = int(recipe.option("calib_seqlen", 512))
-        engine = _engine(shape, samples, seqlen) if samples else {"engine_block_or_head": shape.largest_block_fp32}
-        phases["quantize"] = {"libraries": LIBRARIES_BYTES, **engine, "gptq_work": _gptq_work(shape, recipe)}
+        phases["quantize"] = _gptq_phase(shape, recipe)
     elif recipe.format == "onnx":
-        # onnxruntime-genai's builder (and torch.onnx) hold the whole model, float copies and the
-        # graph being written: a measured rate, not a sum of terms (see ONNX_BYTES_PER_PARAM)
-        phases["export"] = {"libraries": LIBRARIES_BYTES, "exporter": int(ONNX_BYTES_PER_PARAM * shape.params)}
+        prequantized = _onnx_prequantized(source, recipe)
+        if prequantized is not None:  # quantkit's streamed GPTQ/RTN checkpoint, then the builder on it
+            phases["quantize"] = _gptq_phase(shape, prequantized)
+            phases["export"] = {"libraries": LIBRARIES_BYTES, **_builder_prequantized(shape, prequantized)}
+        else:
+            # onnxruntime-genai's builder (and torch.onnx) hold the whole model, float copies and the
+            # graph being written: a measured rate, not a sum of terms (see ONNX_BYTES_PER_PARAM)
+            phases["export"] = {"libraries": LIBRARIES_BYTES, "exporter": int(ONNX_BYTES_PER_PARAM * shape.params)}
     else:  # bitsandbytes writes a config; its runtime quantizes when the artifact is loaded
         phases["write"] = {"libraries": LIBRARIES_BYTES}
     if verify and recipe.format in ("gguf", "gptq"):

@@ -89,8 +89,9 @@ def run_isolated(
         raise ValueError(f"not a quantkit function: {target}")
     if in_child():  # a child never spawns another: that would recurse
         raise RuntimeError(f"run_isolated({target}) called inside an isolated child")
-    # the child imports this very quantkit, whatever its working directory
-    child_env = {**os.environ, **(env or {}), "GGML_NO_BACKTRACE": "1", _CHILD_ENV: "1",
+    # the child imports this very quantkit, whatever its working directory; a fixed hash seed, so
+    # what a library writes in the order of a set of names is the same in every run
+    child_env = {**os.environ, **(env or {}), "GGML_NO_BACKTRACE": "1", _CHILD_ENV: "1", "PYTHONHASHSEED": "0",
                  "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     with tempfile.TemporaryFile(mode="w+b") as err:
         proc = subprocess.Popen(

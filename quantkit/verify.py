@@ -11,7 +11,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -40,16 +39,16 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Reference:
     """The source model in float32 (an HF checkpoint), set up on first use.
 
-    ``logits`` keeps each window's logits in a private temporary folder, memory-mapped back: the
-    artifacts of one conversion are verified on the same windows, and the logits of 2,048 tokens
-    of a 150k-token vocabulary are 1.2 GB, too much to hold beside the artifact's runtime."""
+    ``logits`` keeps each window's logits memory-mapped from a temporary file that has no name
+    (unlinked as it is created, so a killed process leaves nothing on disk): the artifacts of one
+    conversion are verified on the same windows, and the logits of 2,048 tokens of a 150k-token
+    vocabulary are 1.2 GB, too much to hold beside the artifact's runtime."""
 
     source: Source
     threads: int | None = None
     _model: TorchReference | None = None
     _encoder: TorchEncoder | None = None
-    _cache: dict[tuple[int, ...], Path] = field(default_factory=dict)
-    _folder: tempfile.TemporaryDirectory | None = None
+    _cache: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
 
     @property
     def model(self) -> TorchReference:
@@ -65,21 +64,25 @@ class Reference:
 
     def logits(self, windows: list[list[int]], task=None) -> Iterator[np.ndarray]:
         """Logits of each window; the windows not seen before are computed in one pass."""
-        missing = [list(w) for w in dict.fromkeys(map(tuple, windows)) if w not in self._cache]
+        missing = [list(w) for w in dict.fromkeys(map(tuple, windows)) if tuple(w) not in self._cache]
         if missing:
-            if self._folder is None:
-                self._folder = tempfile.TemporaryDirectory(prefix="quantkit-reference-")
             for window, logits in zip(missing, self.model.logits(missing, task=task), strict=True):
-                path = Path(self._folder.name) / f"{len(self._cache)}.npy"
-                np.save(path, logits)
-                self._cache[tuple(window)] = path
+                self._cache[tuple(window)] = _spill(logits)
         for window in windows:
-            yield np.load(self._cache[tuple(window)], mmap_mode="r")
+            yield self._cache[tuple(window)]
 
     def close(self) -> None:
-        if self._folder is not None:
-            self._folder.cleanup()
-        self._folder, self._cache = None, {}
+        self._cache = {}  # the mappings close, and their unnamed files go, with the last reference
+
+
+def _spill(array: np.ndarray) -> np.ndarray:
+    """A read-only, memory-mapped copy of ``array`` in an unnamed temporary file: its pages can
+    go to disk instead of staying resident, and no file outlives the process, however it ends."""
+    with tempfile.TemporaryFile(prefix="quantkit-reference-") as f:  # unlinked at creation (POSIX)
+        mapped = np.memmap(f, dtype=array.dtype, mode="w+", shape=array.shape)  # the mapping keeps its own descriptor
+    mapped[...] = array
+    mapped.flags.writeable = False
+    return mapped
 
 
 def _windows(tokens: list[int], bos: int | None, ctx: int, max_tokens: int) -> list[list[int]]:

@@ -75,6 +75,11 @@ def test_decoder_recipes_quality_and_operators(tiny_model, tmp_path, verify_text
     assert all(op.startswith("ai.onnx::") for op in ops["onnx:int8-static"])
     weights = {r: _summary(a)["weight_bytes"] for r, a in arts.items()}
     assert weights["onnx:int4"] < weights["onnx:int8"] < weights["onnx:fp32"]
+    # round to nearest comes from quantkit's streamed RTN checkpoint (the tied embedding quantized by
+    # the builder, head=same); the k-quant search needs the builder's float path
+    assert arts["onnx:int4"].manifest["details"]["gptq"]["recipe"]["scheme"] == "w4g32-rtn"
+    assert "gptq" not in arts["onnx:int4-kquant"].manifest["details"]
+    assert "com.microsoft::GatherBlockQuantized" in ops["onnx:int4"]
     calib = arts["onnx:int8-static"].manifest["details"]["calibration"]
     assert calib["samples"] == 4 and calib["quantized_matmuls"] > 0 and calib["float_down_projections"] == 2
     for recipe in ("onnx:fp32", "onnx:fp16", "onnx:int8", "onnx:int4", "onnx:int4-kquant"):
@@ -116,17 +121,19 @@ def test_onnxruntime_genai_generates_what_transformers_generates(tiny_model, tmp
     assert list(generator.get_sequence(0))[len(prompt):] == theirs[: 6]
 
 
-def test_int4_gptq_is_quantkits_gptq_checkpoint(tiny_model, tmp_path):
-    """onnx:int4-gptq turns quantkit's GPTQ checkpoint into MatMulNBits as it is: with the head
-    left in float (as GPTQ leaves it) and float32 compute, its logits are the GPTQ runtime's."""
+@pytest.mark.parametrize("gptq_recipe, onnx_recipe", [("gptq:w4g32", "onnx:int4g32-gptq"), ("gptq:w4g32-rtn", "onnx:int4g32")])
+def test_int4_is_quantkits_streamed_gptq_checkpoint(tiny_model, tmp_path, gptq_recipe, onnx_recipe):
+    """onnx:int4-gptq and plain onnx:int4 (round to nearest) turn quantkit's GPTQ / RTN checkpoint
+    into MatMulNBits as it is (the float model is never loaded whole): with the head left in float
+    (as GPTQ leaves it) and float32 compute, the logits are the GPTQ runtime's on that checkpoint."""
     from quantkit.runtimes import get_runtime
 
     folder = tiny_model("qwen2")
-    calib = {"calib_samples": 8, "calib_seqlen": 64}
-    gptq = convert(folder, ["gptq:w4g32"], tmp_path / "gptq", verify=False, recipe_options=calib).artifacts[0]
-    onnx_art = convert(folder, ["onnx:int4g32-gptq"], tmp_path / "onnx", verify=False,
+    calib = {"calib_samples": 8, "calib_seqlen": 64} if "rtn" not in gptq_recipe else {}
+    gptq = convert(folder, [gptq_recipe], tmp_path / "gptq", verify=False, recipe_options=calib).artifacts[0]
+    onnx_art = convert(folder, [onnx_recipe], tmp_path / "onnx", verify=False,
                        recipe_options={**calib, "head": "float", "accuracy_level": 1}).artifacts[0]
-    assert onnx_art.manifest["details"]["gptq"]["recipe"]["scheme"] == "w4g32"
+    assert onnx_art.manifest["details"]["gptq"]["recipe"]["scheme"] == gptq_recipe.split(":")[1]
     ours, theirs = OnnxRuntime(onnx_art.main_file, threads=1), get_runtime("gptq")(gptq.main_file, n_ctx=128)
     window = ours.tokenize("Now is the winter of our discontent made glorious summer by this sun of York")[:40]
     np.testing.assert_allclose(ours.logits(window), theirs.logits(window), atol=1e-3)

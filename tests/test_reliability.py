@@ -329,3 +329,28 @@ def test_vocabulary_without_byte_tokens_is_refused_before_llama_cpp_sees_it(tiny
     assert main(["-q", "convert", str(folder), "--to", "gguf:f16", "-o", str(out)]) == 2
     assert "0xE6" in _one_error_line(capsys)
     assert _left_behind(out) == []
+
+
+def test_reference_logits_leave_no_file_behind(tiny_model, tmp_path, monkeypatch):
+    """Verification spills the reference's logits to disk: to files with no name, so even a
+    SIGKILL (no cleanup runs) leaves nothing in the temporary folder."""
+    import tempfile
+
+    import numpy as np
+
+    from quantkit.runtimes.torch import TorchReference
+    from quantkit.source import resolve_source
+    from quantkit.verify import Reference
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    source = resolve_source(tiny_model("llama"))
+    reference = Reference(source, threads=1)
+    windows = [[1, 5, 9, 13, 17, 21], [1, 7, 7, 30]]
+    spilled = list(reference.logits(windows))
+    assert os.listdir(tmp_path) == []  # nothing named on disk while the logits are in use
+    direct = TorchReference(source, threads=1).logits(windows)
+    for ours, theirs in zip(spilled, direct, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+        assert not ours.flags.writeable
+    assert [a is b for a, b in zip(reference.logits(windows), spilled, strict=True)] == [True, True]  # computed once
+    reference.close()

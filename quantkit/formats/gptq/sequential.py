@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -65,6 +66,14 @@ class _GroupSeen(Exception):
     change the group's Hessians (an MLP after the attention projections is most of a block's work)."""
 
 
+def _record(hessian: HessianAccumulator, pending: set[str], name: str, module, args, out) -> None:
+    """Forward hook: add a Linear's input to its Hessian; stop the pass once the group is complete."""
+    hessian.add(args[0])
+    pending.discard(name)
+    if not pending:
+        raise _GroupSeen
+
+
 def _gptq_block(step, linears: dict[str, torch.nn.Linear], spec: ArchSpec, settings: GPTQSettings, advance) -> tuple[dict, dict]:
     """Quantize one block's Linears group by group; (codes by Linear name, per-block figures)."""
     done: dict[str, QuantizedWeight] = {}
@@ -72,14 +81,7 @@ def _gptq_block(step, linears: dict[str, torch.nn.Linear], spec: ArchSpec, setti
     for group in spec.sequential:
         hessians = {name: HessianAccumulator(linears[name].in_features, step.inputs[0].device) for name in group}
         pending: set[str] = set()
-
-        def hook(module, args, out, name):
-            hessians[name].add(args[0])
-            pending.discard(name)
-            if not pending:
-                raise _GroupSeen
-
-        handles = [linears[name].register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name in group]
+        handles = [linears[name].register_forward_hook(partial(_record, hessians[name], pending, name)) for name in group]
         try:
             for j in range(len(step.inputs)):
                 pending.update(group)

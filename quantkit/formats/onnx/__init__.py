@@ -6,7 +6,11 @@ embedding as ``GatherBlockQuantized``), each folder with the ``genai_config.json
 ``onnxruntime_genai`` runs. ``int4`` takes a block size (``int4g16`` ... ``int4g256``, default 32)
 and an algorithm suffix: none for round to nearest, ``-kquant`` for the builder's k-quant search,
 ``-gptq`` for quantkit's own GPTQ checkpoint turned into ``MatMulNBits`` as it is (default blocks
-of 128, calibrated on the same text mix as ``gptq:``). ``accuracy_level`` (0-4) is the
+of 128, calibrated on the same text mix as ``gptq:``). Round to nearest in blocks of 32, 64 or 128
+is quantkit's streamed ``gptq:w4g{block}-rtn`` checkpoint handed to the builder the same way, so
+neither int4 path loads the float model (the builder's float path holds it several times over);
+blocks of 16 and 256, which a GPTQ checkpoint does not take, and ``-kquant`` go through the
+builder's float path. ``accuracy_level`` (0-4) is the
 ``MatMulNBits`` compute type (4: int8 activations, the builder's CPU default). ``head`` sets the
 output head (and a tied embedding): ``same`` bits as the recipe, ``int8`` or ``float``; ``-gptq``
 defaults to ``int8`` (GPTQ never quantizes the head; on Gemma 3 a 4-bit round-to-nearest head
@@ -36,11 +40,12 @@ from ...source import Source
 from .. import ConvertOptions, Format, register_format
 from ..options import CALIBRATION_OPTION_NAMES, Option, calibration_options, resolve_options
 
-__all__ = ["OnnxFormat", "OnnxScheme", "parse_scheme", "OPTION_DEFAULTS", "MODEL_NAME", "GENAI_CONFIG"]
+__all__ = ["OnnxFormat", "OnnxScheme", "parse_scheme", "prequantized", "OPTION_DEFAULTS", "MODEL_NAME", "GENAI_CONFIG"]
 
 MODEL_NAME = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 _SCHEME = re.compile(r"^(fp32|fp16|int8|int8-static|int4(?:g(16|32|64|128|256))?(?:-(kquant|gptq|hqq))?)$")
+PREQUANTIZED_BLOCKS = (32, 64, 128)  # the group sizes of a GPTQ checkpoint the builder reads
 _SCHEME_HELP = ("fp32, fp16, int8, int8-static, int4 with an optional block size (int4g16 ... int4g256) and "
                 "algorithm (-kquant, -gptq; -hqq for encoders and static shapes), e.g. int4g128-gptq")
 
@@ -67,6 +72,17 @@ class OnnxScheme:
     @property
     def calibrated(self) -> bool:
         return self.dtype == "int8-static" or self.algo == "gptq"
+
+
+def prequantized(scheme: OnnxScheme, config: Mapping[str, Any]) -> bool:
+    """Whether the builder takes quantkit's own streamed GPTQ-layout checkpoint of a decoder with
+    ``config`` rather than its float weights: ``-gptq`` always; round to nearest in the blocks a
+    GPTQ checkpoint takes, for the architectures quantkit's GPTQ knows (others: the float path)."""
+    from ..gptq.arch import ARCHITECTURES
+
+    if scheme.algo == "gptq":
+        return True
+    return scheme.algo == "rtn" and scheme.block_size in PREQUANTIZED_BLOCKS and config.get("model_type") in ARCHITECTURES
 
 
 def parse_scheme(scheme: str) -> OnnxScheme:
@@ -197,7 +213,7 @@ class OnnxFormat(Format):
         info: dict[str, Any] = {"kind": "decoder", "exporter": {"name": "onnxruntime-genai model builder",
                                                                "version": builder_version()}}
         model_dir = source.path
-        if scheme.algo == "gptq":
+        if prequantized(scheme, config):
             model_dir, info["gptq"] = self._gptq_checkpoint(source, scheme, opts, work, options, progress)
         extra: dict[str, Any] = {}
         if scheme.dtype in ("int4", "int8"):
@@ -222,12 +238,15 @@ class OnnxFormat(Format):
         return Artifact(final, final / MODEL_NAME, manifest)
 
     def _gptq_checkpoint(self, source, scheme: OnnxScheme, opts, work: Path, options, progress) -> tuple[Path, dict]:
-        """quantkit's GPTQ checkpoint of ``source`` (w4, the scheme's block as group size), for the
-        builder to take as pre-quantized input."""
+        """quantkit's GPTQ checkpoint of ``source`` (w4, the scheme's block as group size; round to
+        nearest for plain int4), streamed block by block, for the builder to take as pre-quantized input."""
         from .. import get_format
 
         gptq = get_format("gptq")
-        recipe = gptq.parse_recipe(f"w4g{scheme.block_size}", {k: opts[k] for k in CALIBRATION_OPTION_NAMES})
+        if scheme.algo == "rtn":
+            recipe = gptq.parse_recipe(f"w4g{scheme.block_size}-rtn")
+        else:
+            recipe = gptq.parse_recipe(f"w4g{scheme.block_size}", {k: opts[k] for k in CALIBRATION_OPTION_NAMES})
         sub = ConvertOptions(threads=options.threads, progress=progress, verify=None)
         [artifact] = gptq.convert(source, [recipe], work / "gptq", sub)
         info = {"recipe": recipe.to_dict()}
