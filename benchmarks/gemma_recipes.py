@@ -161,7 +161,7 @@ def onnx_table(result: dict) -> str:
     # like for like: 8-bit against Q8_0, 4-bit round-to-nearest blocks of 32 against Q4_0
     if "onnx:int4-gptq" in by and "onnx:int4" in by:
         table += (f"\n`onnx:int4-gptq` (quantkit's GPTQ checkpoint in `MatMulNBits`) has {by['onnx:int4-gptq']['kld_mean'] / by['onnx:int4']['kld_mean']:.2f}x "
-                  "the KLD of the builder's round-to-nearest `onnx:int4`.\n")
+                  "the KLD of the round-to-nearest `onnx:int4` (quantkit's RTN checkpoint in the same operators).\n")
     for onnx, gguf in (("onnx:int8", "gguf:q8_0"), ("onnx:int4", "gguf:q4_0")):
         if onnx in by and gguf in by:
             a, b = by[onnx], by[gguf]

@@ -149,13 +149,18 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         if "failed" in r:
             lines.append([r["shape"], f"{r['params'] / 1e9:.2f}B", LABELS[r["path"]], "failed", "-",
-                          f"{r['predicted_peak_bytes'] / 1e6:,.0f} MB", r["failed"].splitlines()[-1][:80]])
+                          f"{r['predicted_peak_bytes'] / 1e6:,.0f} MB", r["failed"].splitlines()[-1][:80], _host(r)])
             continue
         error = 100 * (r["predicted_peak_bytes"] - r["peak_rss_bytes"]) / r["peak_rss_bytes"]
         lines.append([r["shape"], f"{r['params'] / 1e9:.2f}B", LABELS[r["path"]], f"{r['wall_s']:,.0f} s",
                       f"{r['peak_rss_bytes'] / 1e6:,.0f} MB", f"{r['predicted_peak_bytes'] / 1e6:,.0f} MB ({error:+.0f} %)",
-                      f"{r['artifact_bytes'] / 1e6:,.0f} MB" if r.get("artifact_bytes") else "-"])
-    return markdown_table(["model shape", "parameters", "path", "wall", "peak RSS", "predicted peak", "artifact"], lines)
+                      f"{r['artifact_bytes'] / 1e6:,.0f} MB" if r.get("artifact_bytes") else "-", _host(r)])
+    return markdown_table(["model shape", "parameters", "path", "wall", "peak RSS", "predicted peak", "artifact", "host, date"], lines)
+
+
+def _host(row: dict) -> str:
+    """Which machine measured a row (rows are merged across runs): its CPU's name, the date."""
+    return f"{row.get('machine', '?').split(',')[0].replace('(R)', '')}, {row.get('date', '?')}"
 
 
 def slope_table(result: dict) -> str:

@@ -192,10 +192,20 @@ def _onnx_prequantized(source: Source, recipe: Recipe) -> Recipe | None:
 
 
 def _builder_prequantized(shape: ModelShape, checkpoint: Recipe) -> dict[str, int]:
-    """onnxruntime-genai's builder on a GPTQ checkpoint (provisional, refitted below)."""
-    packed = int(0.57 * (shape.params - shape.embedding_params * (1 if shape.tied else 2)))
+    """onnxruntime-genai's builder on quantkit's GPTQ checkpoint (traced on the Qwen2.5-0.5B and
+    1.5B shapes): it loads the whole checkpoint (4-bit Linears, float16 tables), repacks the Linears
+    as ``MatMulNBits`` (4-bit codes, float32 scales on the CPU) next to float32 embedding and head
+    tables, and at its peak serializes that graph into one in-memory proto (a second copy of every
+    tensor) while the float32 table being written is copied once more, before the head is quantized."""
+    from .formats.gptq import parse_scheme
+
+    group = parse_scheme(checkpoint.scheme).group_size
     tables = shape.embedding_params * (1 if shape.tied else 2)
-    return {"builder_packed": 2 * packed, "builder_float_tables": 14 * tables}
+    linear = shape.params - tables
+    checkpoint_bytes = int(linear * (0.5 + 2.5 / group)) + 2 * tables
+    graph = int(linear * (0.5 + 4.5 / group)) + 4 * tables
+    return {"builder_checkpoint": checkpoint_bytes, "builder_graph_and_proto": 2 * graph,
+            "builder_table_copy": 4 * shape.embedding_params}
 
 
 def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True, verify_tokens: int = 2048,

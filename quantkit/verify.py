@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 import numpy as np
 
@@ -39,16 +40,17 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Reference:
     """The source model in float32 (an HF checkpoint), set up on first use.
 
-    ``logits`` keeps each window's logits memory-mapped from a temporary file that has no name
-    (unlinked as it is created, so a killed process leaves nothing on disk): the artifacts of one
-    conversion are verified on the same windows, and the logits of 2,048 tokens of a 150k-token
-    vocabulary are 1.2 GB, too much to hold beside the artifact's runtime."""
+    ``logits`` keeps each window's logits in a temporary file that has no name (unlinked as it is
+    created, so a killed process leaves nothing on disk) and maps a window back only while it is
+    compared: the artifacts of one conversion are verified on the same windows, and the logits of
+    2,048 tokens of a 150k-token vocabulary are 1.2 GB, too much to hold beside the artifact's
+    runtime (a mapping kept for every window would keep every page it touched resident)."""
 
     source: Source
     threads: int | None = None
     _model: TorchReference | None = None
     _encoder: TorchEncoder | None = None
-    _cache: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
+    _cache: dict[tuple[int, ...], _Spilled] = field(default_factory=dict)
 
     @property
     def model(self) -> TorchReference:
@@ -67,22 +69,34 @@ class Reference:
         missing = [list(w) for w in dict.fromkeys(map(tuple, windows)) if tuple(w) not in self._cache]
         if missing:
             for window, logits in zip(missing, self.model.logits(missing, task=task), strict=True):
-                self._cache[tuple(window)] = _spill(logits)
+                self._cache[tuple(window)] = _Spilled.of(logits)
         for window in windows:
-            yield self._cache[tuple(window)]
+            yield self._cache[tuple(window)].array()
 
     def close(self) -> None:
-        self._cache = {}  # the mappings close, and their unnamed files go, with the last reference
+        for spilled in self._cache.values():
+            spilled.file.close()  # an unnamed file goes with its last descriptor and mapping
+        self._cache = {}
 
 
-def _spill(array: np.ndarray) -> np.ndarray:
-    """A read-only, memory-mapped copy of ``array`` in an unnamed temporary file: its pages can
-    go to disk instead of staying resident, and no file outlives the process, however it ends."""
-    with tempfile.TemporaryFile(prefix="quantkit-reference-") as f:  # unlinked at creation (POSIX)
-        mapped = np.memmap(f, dtype=array.dtype, mode="w+", shape=array.shape)  # the mapping keeps its own descriptor
-    mapped[...] = array
-    mapped.flags.writeable = False
-    return mapped
+@dataclass
+class _Spilled:
+    """An array written to an unnamed temporary file, mapped back read-only on demand."""
+
+    file: IO[bytes]
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> _Spilled:
+        file = tempfile.TemporaryFile(prefix="quantkit-reference-")  # unlinked at creation (POSIX)
+        np.ascontiguousarray(array).tofile(file)  # written, not mapped: no page of it resident here
+        file.flush()
+        return cls(file, array.dtype, tuple(array.shape))
+
+    def array(self) -> np.ndarray:
+        """A read-only mapping of the array; its pages leave this process with the mapping."""
+        return np.memmap(self.file, dtype=self.dtype, mode="r", shape=self.shape)
 
 
 def _windows(tokens: list[int], bos: int | None, ctx: int, max_tokens: int) -> list[list[int]]:
