@@ -44,6 +44,10 @@ QUANTIZER_BASE_BYTES = 60 * 10**6
 # bits per weight of the recipes the planner's table (plan.CANDIDATES) does not list
 _FLOAT_BITS = {"f32": 32.0, "fp32": 32.0, "f16": 16.0, "fp16": 16.0, "bf16": 16.0}
 _OTHER_QUANTIZED_BITS = 8.5  # an unlisted quantized GGUF type: at most q8_0's
+# llama.cpp's own bits per weight of the GGUF types the planner does not list (llama-quantize --help)
+_GGUF_BITS = {"q2_k": 2.96, "q3_k_s": 3.5, "q3_k_l": 4.27, "q4_k_s": 4.58, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q5_k_s": 5.54,
+              "iq4_nl": 4.5, "iq4_xs": 4.25, "iq3_m": 3.66, "iq3_s": 3.44, "iq3_xs": 3.3, "iq3_xxs": 3.06, "iq2_m": 2.7,
+              "iq2_s": 2.5, "iq2_xs": 2.31, "iq2_xxs": 2.06, "iq1_m": 1.75}
 #: peak bytes per parameter of onnxruntime-genai's builder writing onnx:int4 from a float16
 #: checkpoint, measured on the Qwen2.5-0.5B shape (4,568 MB for 0.49B parameters, libraries apart)
 ONNX_BYTES_PER_PARAM = 8.3
@@ -124,13 +128,14 @@ def _bits(recipe: Recipe) -> tuple[float, float]:
     from .plan import CANDIDATES
 
     table = {c.recipe: (c.bits_per_weight, c.embedding_bits) for c in CANDIDATES}
-    base = f"{recipe.format}:{recipe.scheme.split('-')[0]}"
+    base = f"{recipe.format}:{recipe.scheme.split('-')[0].split('+')[0]}"  # q3_k_m+imatrix as q3_k_m
     if str(recipe) in table or base in table:
         return table.get(str(recipe)) or table[base]
     if recipe.format == "gptq":  # w{bits}g{group}: fp16 scale and packed zero per group, fp16 embedding
         bits = int(recipe.scheme[1])
         return bits + 0.25, 16.0
-    bits = _FLOAT_BITS.get(recipe.scheme.split("-")[0], _OTHER_QUANTIZED_BITS)
+    scheme = recipe.scheme.split("-")[0].split("+")[0]
+    bits = _FLOAT_BITS.get(scheme) or _GGUF_BITS.get(scheme, _OTHER_QUANTIZED_BITS)
     return bits, max(bits, 6.56 if bits < 16 else bits)  # llama.cpp mixes keep the head at q6_k or more
 
 
@@ -215,6 +220,9 @@ def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True,
     shape = ModelShape.of(source)
     phases: dict[str, dict[str, int]] = {}
     if recipe.format == "gguf":
+        if recipe.option("imatrix") == "auto":  # the calibration pass on the engine, sums of one row per Linear
+            phases["imatrix"] = {"libraries": LIBRARIES_BYTES,
+                                 **_engine(shape, int(recipe.option("calib_samples")), int(recipe.option("calib_seqlen")))}
         phases["quantize"] = {"quantizer": QUANTIZER_BASE_BYTES,
                               "largest_tensor": shape.largest_tensor_stored + 5 * shape.largest_tensor_elements}
     elif recipe.format == "gptq":

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import gguf
+import numpy as np
 import pytest
 
 from quantkit.api import convert
@@ -99,7 +100,8 @@ def test_gguf_source_is_requantized(tiny_model, tmp_path):
 
 
 def test_every_listed_quant_type_loads(tiny_model, tmp_path):
-    """Each recipe in the table gives a file llama.cpp reports with the matching file type."""
+    """Each recipe in the table gives a file llama.cpp reports with the matching file type and
+    runs (the i-quants quantized with an importance matrix computed on the way)."""
     import llama_cpp
 
     from quantkit.formats.gguf.quantize import QUANT_SCHEMES
@@ -110,8 +112,11 @@ def test_every_listed_quant_type_loads(tiny_model, tmp_path):
     for art in arts:
         reader = gguf.GGUFReader(art.main_file)
         assert reader.fields["general.file_type"].contents() == int(QUANT_SCHEMES[art.manifest["recipe"]["scheme"]])
-        llm = llama_cpp.Llama(str(art.main_file), n_ctx=64, verbose=False)
+        llm = llama_cpp.Llama(str(art.main_file), n_ctx=64, verbose=False, logits_all=True)
         assert llm.n_vocab() == reader.fields["tokenizer.ggml.tokens"].data.__len__()
+        tokens = llm.tokenize(b"The cat sat on the mat")
+        llm.eval(tokens)  # it computes: finite logits for every position (i-quants with the imatrix too)
+        assert np.isfinite(llm.scores[: len(tokens)]).all()
         llm.close()
 
 

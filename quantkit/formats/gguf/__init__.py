@@ -3,6 +3,14 @@
 An HF source is written once to a lossless intermediate GGUF (F32, or BF16/F16 when every
 source weight already is), and each requested llama.cpp type is quantized from it. A GGUF
 source is re-quantized directly.
+
+With an importance matrix (``gguf:q3_k_m+imatrix``, or ``--imatrix auto|FILE`` for every
+quantized type of a run; always for the i-quants ``iq1_m`` ... ``iq3_m``), llama.cpp weighs each
+weight's rounding error by how large its input column is on calibration text. ``auto`` computes
+it from the HF source on quantkit's calibration windows (the GPTQ text mix, disjoint from the
+evaluation text) on the layer-streaming engine; a FILE is a GGUF imatrix as ``llama-imatrix``
+writes it. The matrix used goes beside the GGUF as ``imatrix.gguf`` (``llama-quantize --imatrix``
+reads it) and its sha256 into the manifest.
 """
 
 from __future__ import annotations
@@ -14,17 +22,57 @@ from pathlib import Path
 from typing import Any
 
 from ...artifact import Artifact, atomic_dir, work_dir, write_manifest
-from ...errors import RecipeError
+from ...errors import InputError, RecipeError
 from ...progress import Progress
 from ...recipe import Recipe
 from ...runtimes.llamacpp import check_loads
 from ...source import Source
 from .. import ConvertOptions, Format, register_format
+from ..options import calibration_options, resolve_options
 from .header import read_gguf_summary
-from .quantize import QUANT_SCHEMES, quantize_gguf
+from .quantize import IMATRIX_SCHEMES, QUANT_SCHEMES, quantize_gguf
 from .writer import FLOAT_TYPES, tensor_count, write_float_gguf
 
-__all__ = ["GGUFFormat", "QUANT_SCHEMES"]
+__all__ = ["GGUFFormat", "QUANT_SCHEMES", "IMATRIX_SUFFIX", "IMATRIX_FILE"]
+
+IMATRIX_SUFFIX = "+imatrix"
+IMATRIX_FILE = "imatrix.gguf"
+# an importance matrix: "auto" (computed here), a GGUF imatrix file, or "none"; with its calibration
+# text (llama-imatrix's default is whole files in windows of 512: 64 windows keep an 8B model's
+# pass on a CPU near verification's)
+CALIBRATION = calibration_options(samples=64, seqlen=512)
+OPTION_NAMES = frozenset({"imatrix", *CALIBRATION})
+
+
+def _parse_gguf_scheme(scheme: str, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(canonical scheme, options) of a GGUF recipe: ``+imatrix`` when an importance matrix is
+    used on a type that has a plain form, and the options only then."""
+    base = scheme.removesuffix(IMATRIX_SUFFIX)
+    if base not in QUANT_SCHEMES:
+        raise RecipeError(f"unknown GGUF type {base!r}; known: {', '.join(QUANT_SCHEMES)} (quantized types take {IMATRIX_SUFFIX})")
+    imatrix = options.get("imatrix")
+    if imatrix is not None and imatrix not in ("auto", "none"):
+        path = Path(str(imatrix)).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"GGUF option imatrix={imatrix!r}: expected auto, none or a GGUF imatrix file")
+        imatrix = str(path)
+    quantized = base not in FLOAT_TYPES and base != "f32"
+    if scheme != base and not quantized:
+        raise RecipeError(f"gguf:{scheme}: {base} is not quantized; an importance matrix is for quantized types")
+    if base in IMATRIX_SCHEMES:
+        if imatrix == "none":
+            raise RecipeError(f"gguf:{base} needs an importance matrix: use --imatrix auto (the default for it) or a FILE")
+        imatrix = imatrix or "auto"
+    elif scheme != base:
+        imatrix = imatrix if imatrix not in (None, "none") else "auto"
+    elif imatrix == "none" or not quantized:
+        imatrix = None
+    if imatrix is None:
+        return base, {}
+    values = resolve_options("GGUF", CALIBRATION, {k: v for k, v in options.items() if k in CALIBRATION})
+    if imatrix != "auto":  # a file brings its own calibration
+        values = {}
+    return (base if base in IMATRIX_SCHEMES else base + IMATRIX_SUFFIX), {"imatrix": imatrix, **values}
 
 
 def _lossless_type(source: Source) -> str:
@@ -47,10 +95,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 class GGUFFormat(Format):
     name = "gguf"
 
+    def option_names(self) -> frozenset[str]:
+        return OPTION_NAMES
+
     def parse_recipe(self, scheme: str, options: Mapping[str, Any] | None = None) -> Recipe:
-        if scheme not in QUANT_SCHEMES:
-            raise RecipeError(f"unknown GGUF type {scheme!r}; known: {', '.join(QUANT_SCHEMES)}")
-        return Recipe("gguf", scheme)
+        scheme, values = _parse_gguf_scheme(scheme, options or {})
+        return Recipe("gguf", scheme, tuple(sorted(values.items())))
 
     def convert(
         self, source: Source, recipes: Sequence[Recipe], out_dir: Path, options: ConvertOptions
@@ -68,8 +118,15 @@ class GGUFFormat(Format):
             else:
                 base_type, base = None, source.path
                 details = dict(source.config)
+            imatrices: dict[tuple, tuple[Path, dict]] = {}  # one per calibration setting or file
             for recipe in recipes:
                 final = out_dir / f"{source.name}-{recipe.tag}"
+                imatrix, imatrix_info = None, None
+                if recipe.option("imatrix"):
+                    key = tuple(sorted(recipe.options))
+                    if key not in imatrices:
+                        imatrices[key] = _imatrix(source, recipe, Path(work) / f"imatrix-{len(imatrices)}.gguf", progress)
+                    imatrix, imatrix_info = imatrices[key]
                 with atomic_dir(final) as tmp:
                     out = tmp / f"{source.name}-{recipe.scheme.upper()}.gguf"
                     if recipe.scheme == base_type:
@@ -80,15 +137,49 @@ class GGUFFormat(Format):
                     else:
                         total = read_gguf_summary(base)["tensor_count"]
                         with progress.task(f"quantizing {recipe.scheme}", total) as advance:
-                            quantize_gguf(base, out, recipe.scheme, threads=options.threads, advance=advance)
+                            quantize_gguf(base, out, recipe.scheme.removesuffix(IMATRIX_SUFFIX), threads=options.threads,
+                                          advance=advance, imatrix=imatrix)
                     info = {**details, **read_gguf_summary(out), "intermediate": base_type}
+                    if imatrix is not None:
+                        shutil.copyfile(imatrix, tmp / IMATRIX_FILE)
+                        info["imatrix"] = imatrix_info
                     if not options.verify:  # verification loads it fully; never leave a GGUF llama.cpp refuses
                         check_loads(out, vocab_only=True)
                     else:
                         provisional = Artifact(tmp, out, {"recipe": recipe.to_dict()})
                         info["verification"] = options.verify(provisional)
-                    manifest = write_manifest(
-                        tmp, recipe=recipe.to_dict(), source=source.to_manifest(), details=info
-                    )
+                    manifest = write_manifest(tmp, recipe=recipe.to_dict(), source=source.to_manifest(), details=info,
+                                              main_file=out.name if imatrix is not None else None)
                 artifacts.append(Artifact(final, final / out.name, manifest))
         return artifacts
+
+
+def _imatrix(source: Source, recipe: Recipe, path: Path, progress: Progress) -> tuple[Path, dict]:
+    """The importance matrix ``recipe`` asks for, as a GGUF imatrix file at ``path`` (or the
+    user's file as it is), and what the manifest records of it."""
+    from .imatrix import ImportanceMatrix, compute_imatrix
+
+    choice = recipe.option("imatrix")
+    if choice != "auto":
+        matrix = ImportanceMatrix.read(Path(choice))
+        return Path(choice), {"file": Path(choice).name, "sha256": matrix.digest(), "datasets": matrix.datasets,
+                              "tensors": len(matrix.sums)}
+    if source.kind != "hf":
+        raise InputError(f"{source.id}: an importance matrix is computed from an HF checkpoint; "
+                         "for a GGUF source pass --imatrix FILE (a llama-imatrix file)")
+    from transformers import AutoTokenizer
+
+    from ...calibration import calibration_texts, calibration_windows
+
+    opts = dict(recipe.options)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+    texts = calibration_texts(opts["calib"])
+    windows, counts = calibration_windows(tokenizer, texts, n_samples=opts["calib_samples"], seqlen=opts["calib_seqlen"],
+                                          seed=opts["seed"])
+    datasets = [Path(opts["calib"]).name] if opts["calib"] else [f"quantkit calibration mix ({', '.join(sorted(texts))})"]
+    matrix = compute_imatrix(source, windows, datasets=datasets,
+                             task=lambda what, total: progress.task(f"importance matrix: {what}", total))
+    matrix.write(path)
+    return path, {"file": IMATRIX_FILE, "sha256": matrix.digest(), "datasets": datasets, "tensors": len(matrix.sums),
+                  "calibration": {"windows_per_domain": counts, "samples": len(windows), "seqlen": opts["calib_seqlen"],
+                                  "seed": opts["seed"], "tokens": sum(len(w) for w in windows)}}

@@ -10,14 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from ...errors import ConversionError
 
-__all__ = ["QUANT_SCHEMES", "quantize_gguf"]
+__all__ = ["QUANT_SCHEMES", "IMATRIX_SCHEMES", "quantize_gguf"]
 
 F = gguf.LlamaFileType
-# recipe scheme -> llama.cpp file type. I-quants below 4 bits need an importance matrix and
-# are left out until quantkit computes one.
+# recipe scheme -> llama.cpp file type
 QUANT_SCHEMES: dict[str, gguf.LlamaFileType] = {
     "f32": F.ALL_F32,
     "f16": F.MOSTLY_F16,
@@ -38,7 +38,19 @@ QUANT_SCHEMES: dict[str, gguf.LlamaFileType] = {
     "q3_k_m": F.MOSTLY_Q3_K_M,
     "q3_k_s": F.MOSTLY_Q3_K_S,
     "q2_k": F.MOSTLY_Q2_K,
+    "iq3_m": F.MOSTLY_IQ3_M,
+    "iq3_s": F.MOSTLY_IQ3_S,
+    "iq3_xs": F.MOSTLY_IQ3_XS,
+    "iq3_xxs": F.MOSTLY_IQ3_XXS,
+    "iq2_m": F.MOSTLY_IQ2_M,
+    "iq2_s": F.MOSTLY_IQ2_S,
+    "iq2_xs": F.MOSTLY_IQ2_XS,
+    "iq2_xxs": F.MOSTLY_IQ2_XXS,
+    "iq1_m": F.MOSTLY_IQ1_M,
 }
+#: the types quantized with an importance matrix always: llama.cpp refuses most of them without
+#: one, and the others (iq3_s, iq3_m) are built for one
+IMATRIX_SCHEMES = frozenset(s for s in QUANT_SCHEMES if s.startswith(("iq3", "iq2", "iq1")))
 # llama.cpp logs "[  12/ 236]  blk.0.attn_k.weight - ..." once per tensor
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
@@ -50,13 +62,15 @@ def quantize_gguf(
     *,
     threads: int | None = None,
     advance: Callable[[int], None] | None = None,
+    imatrix: Path | None = None,
 ) -> None:
     """Quantize ``src`` into ``dst`` with llama.cpp, in a child process (an abort inside
-    llama.cpp becomes a NativeError); a non-zero return is a ConversionError."""
+    llama.cpp becomes a NativeError), weighing errors by the GGUF ``imatrix`` file when given;
+    a non-zero return is a ConversionError."""
     from ...isolate import run_isolated
 
     args = {"src": str(src), "dst": str(dst), "ftype": int(QUANT_SCHEMES[scheme]),
-            "threads": threads or os.cpu_count() or 1}
+            "threads": threads or os.cpu_count() or 1, "imatrix": str(imatrix) if imatrix else None}
     rc = run_isolated("quantkit.formats.gguf.quantize:quantize_in_child", args,
                       what=f"llama.cpp quantizing {src.name} to {scheme}", on_progress=advance)
     if rc != 0 or not dst.is_file():
@@ -79,4 +93,17 @@ def quantize_in_child(args: dict, reporter) -> int:
     params.ftype = args["ftype"]
     params.nthread = args["threads"]
     params.allow_requantize = True  # a quantized GGUF source may be re-quantized
+    keep = []  # what params points into lives until llama.cpp returns
+    if args.get("imatrix"):
+        from .imatrix import ImportanceMatrix
+
+        means = ImportanceMatrix.read(Path(args["imatrix"])).means()
+        entries = (llama_cpp.llama_model_imatrix_data * (len(means) + 1))()  # the last one all null: the end
+        for entry, (name, values) in zip(entries, means.items(), strict=False):
+            data = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [name.encode(), data]
+            entry.name, entry.size = keep[-2], data.size
+            entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
+        keep.append(entries)
     return int(llama_cpp.llama_model_quantize(args["src"].encode(), args["dst"].encode(), ctypes.byref(params)))
