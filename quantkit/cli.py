@@ -51,7 +51,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--static-groups/--no-static-groups", default=None, help="GPTQ: fix group scales before act-order permutes columns [off].")
 @click.option("--imatrix", default=None, metavar="auto|none|FILE", help="GGUF: weigh quantization errors by an importance matrix computed on the calibration text (auto) or from a llama-imatrix GGUF FILE, for every quantized type [i-quants: auto; others: none, or the +imatrix suffix].")
 @click.option("--calib", default=None, metavar="FILE", help="GPTQ, GGUF imatrix, onnx:int8-static, onnx:int4-gptq: calibration text (default: en/zh/code mix, disjoint from the profiler's texts).")
-@click.option("--calib-samples", type=click.IntRange(1), default=None, help="GPTQ, GGUF imatrix, onnx:int8-static, onnx:int4-gptq: calibration windows [GPTQ 128, imatrix 64, ONNX 16].")
+@click.option("--calib-samples", type=click.IntRange(1), default=None, help="GPTQ, GGUF imatrix, onnx:int8-static, onnx:int4-gptq: calibration windows [GPTQ 128, imatrix 32, ONNX 16].")
 @click.option("--calib-seqlen", type=click.IntRange(16), default=None, help="GPTQ, GGUF imatrix, onnx:int8-static, onnx:int4-gptq: tokens per calibration window [GPTQ and imatrix 512, ONNX 256].")
 @click.option("--static-shapes/--dynamic-shapes", default=None, help="ONNX: batch 1 and a fixed sequence length, no KV cache (for Ascend ATC and other NPU compilers) [dynamic].")
 @click.option("--static-seqlen", type=click.IntRange(8), default=None, help="ONNX: the fixed sequence length of --static-shapes [512].")
