@@ -36,7 +36,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# benchmarks side by side with the tools users would otherwise use (about 45 minutes on 2 cores);
+# benchmarks side by side with the tools users would otherwise use (hours on 2 cores: scale.py alone about two);
 # results in benchmarks/results/, then the README's tables and plot are regenerated from them
 bench: $(STAMP)
 	$(BIN)/python benchmarks/convert_f16.py
@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/host_estimate.py
 	$(BIN)/python benchmarks/quality_intervals.py
 	$(BIN)/python benchmarks/published_speeds.py
+	# builds llama.cpp's llama-imatrix and llama-quantize from the sdist (about 5 minutes, once)
+	$(BIN)/python benchmarks/gguf_quality.py
 	# GPTQModel in an environment of its own (.bench-envs/, torch 2.14.1): never in bench-quick
 	$(BIN)/python benchmarks/gptqmodel_check.py
 	# random checkpoints of 0.5B-3B parameters (10 GB under out/bench/scale; --full adds 8B, 16 GB)

@@ -42,11 +42,12 @@ LLAMA, LLAMA_IMATRIX, QUANTKIT = "llama.cpp", "llama.cpp + llama-imatrix", "quan
 
 def llama_cpp_tools(work: Path, threads: int) -> tuple[dict[str, Path], float]:
     """llama-imatrix and llama-quantize built from the installed llama-cpp-python's sdist, and
-    the build's seconds (0 when cached)."""
+    the seconds the build took (download, configure, compile; recorded beside a cached build)."""
     root = work / f"llama.cpp-{version('llama-cpp-python')}"
     tools = {name: root / "build" / "bin" / f"llama-{name}" for name in ("imatrix", "quantize")}
+    took = root / "build" / "quantkit-build-seconds"
     if all(p.is_file() for p in tools.values()):
-        return tools, 0.0
+        return tools, float(took.read_text()) if took.is_file() else float("nan")
     start = time.perf_counter()
     dl = work / "sdist"
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
@@ -58,6 +59,8 @@ def llama_cpp_tools(work: Path, threads: int) -> tuple[dict[str, Path], float]:
         for m in members:
             m.name = m.name[len(prefix):]
         tar.extractall(root, members=[m for m in members if m.name], filter="data")
+    if (root / ".git").is_file():  # a submodule pointer into llama-cpp-python's repository, absent here
+        (root / ".git").unlink()
     # the portable x86-64 flags of the Makefile's llama-cpp-python build
     flags = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"] if os.uname().machine == "x86_64" else []
     subprocess.run(["cmake", "-S", str(root), "-B", str(root / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
@@ -65,7 +68,8 @@ def llama_cpp_tools(work: Path, threads: int) -> tuple[dict[str, Path], float]:
                     *flags], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-imatrix", "llama-quantize", "-j", str(threads)],
                    check=True, stdout=subprocess.DEVNULL)
-    return tools, time.perf_counter() - start
+    took.write_text(f"{time.perf_counter() - start:.1f}")
+    return tools, float(took.read_text())
 
 
 def calibration_file(path: Path) -> dict[str, int]:
@@ -176,8 +180,18 @@ def table(result: dict) -> str:
                            *[f"{d}: KLD / ppl Δ" for d in domains], "time"], body)
 
 
+def checks(result: dict) -> str:
+    same = [t for t, ok in result["imatrix_file_accepted_same_tensors"].items() if ok]
+    other = [t for t, ok in result["imatrix_file_accepted_same_tensors"].items() if not ok]
+    text = (f"\n`llama-quantize --imatrix` on the `imatrix.gguf` quantkit wrote: the same tensors as quantkit's own call for "
+            f"{', '.join(f'`{t}`' for t in same) or 'no type'}")
+    text += f"; different for {', '.join(f'`{t}`' for t in other)}.\n" if other else ".\n"
+    return text + (f"Calibration tokens per domain: {', '.join(f'{d} {n}' for d, n in result['calibration_tokens'].items())}; "
+                   f"building `llama-imatrix` and `llama-quantize` took {result['build_s']:.0f} s.\n")
+
+
 def sections(result: dict) -> dict[str, str]:
-    return {"table": table(result)}
+    return {"table": table(result) + checks(result)}
 
 
 if __name__ == "__main__":

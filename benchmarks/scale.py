@@ -82,6 +82,7 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
         except SystemExit as exc:  # recorded, and the other paths still run
             print(f"  failed: {exc}", flush=True)
             rows.append({"shape": name, "params": params, "weights_bytes": weights, "path": path, "failed": str(exc)[-400:],
+                         "machine": machine(), "date": time.strftime("%Y-%m-%d"),
                          "predicted_peak_bytes": predicted["total_bytes"], "predicted_terms": predicted["terms"]})
             continue
         folder = None
@@ -149,7 +150,7 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         if "failed" in r:
             lines.append([r["shape"], f"{r['params'] / 1e9:.2f}B", LABELS[r["path"]], "failed", "-",
-                          f"{r['predicted_peak_bytes'] / 1e6:,.0f} MB", r["failed"].splitlines()[-1][:80], _host(r)])
+                          f"{r['predicted_peak_bytes'] / 1e6:,.0f} MB", r["failed"].splitlines()[-1][:110], _host(r)])
             continue
         error = 100 * (r["predicted_peak_bytes"] - r["peak_rss_bytes"]) / r["peak_rss_bytes"]
         lines.append([r["shape"], f"{r['params'] / 1e9:.2f}B", LABELS[r["path"]], f"{r['wall_s']:,.0f} s",
