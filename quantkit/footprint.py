@@ -191,7 +191,7 @@ def _onnx_prequantized(source: Source, recipe: Recipe) -> Recipe | None:
             or not prequantized(scheme, source.config)):
         return None
     if scheme.algo == "rtn":
-        return parse_recipe(f"gptq:w4g{scheme.block_size}-rtn")
+        return parse_recipe(f"gptq:w4g{scheme.block_size}-rtn", {"sym": False})
     return parse_recipe(f"gptq:w4g{scheme.block_size}", {k: recipe.option(k, None) for k in CALIBRATION_OPTION_NAMES
                                                           if recipe.option(k, None) is not None})
 

@@ -7,7 +7,8 @@ embedding as ``GatherBlockQuantized``), each folder with the ``genai_config.json
 and an algorithm suffix: none for round to nearest, ``-kquant`` for the builder's k-quant search,
 ``-gptq`` for quantkit's own GPTQ checkpoint turned into ``MatMulNBits`` as it is (default blocks
 of 128, calibrated on the same text mix as ``gptq:``). Round to nearest in blocks of 32, 64 or 128
-is quantkit's streamed ``gptq:w4g{block}-rtn`` checkpoint handed to the builder the same way, so
+is quantkit's streamed ``gptq:w4g{block}-rtn`` checkpoint (asymmetric: min-max with a zero point
+per block, like the builder's own quantizer) handed to the builder the same way, so
 neither int4 path loads the float model (the builder's float path holds it several times over);
 blocks of 16 and 256, which a GPTQ checkpoint does not take, and ``-kquant`` go through the
 builder's float path. ``accuracy_level`` (0-4) is the
@@ -243,8 +244,8 @@ class OnnxFormat(Format):
         from .. import get_format
 
         gptq = get_format("gptq")
-        if scheme.algo == "rtn":
-            recipe = gptq.parse_recipe(f"w4g{scheme.block_size}-rtn")
+        if scheme.algo == "rtn":  # min-max with a zero point per block, as the builder's own quantizer
+            recipe = gptq.parse_recipe(f"w4g{scheme.block_size}-rtn", {"sym": False})
         else:
             recipe = gptq.parse_recipe(f"w4g{scheme.block_size}", {k: opts[k] for k in CALIBRATION_OPTION_NAMES})
         sub = ConvertOptions(threads=options.threads, progress=progress, verify=None)
