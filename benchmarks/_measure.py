@@ -93,3 +93,16 @@ def timing(s: dict[str, float], unit: str = "s", digits: int = 2) -> str:
     if s["min"] == s["max"]:
         return f"{s['median']:.{digits}f} {unit}"
     return f"{s['median']:.{digits}f} {unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def llama_cpp_sdist(work: Path) -> Path:
+    """The installed llama-cpp-python's source distribution (llama.cpp's source under
+    vendor/llama.cpp), downloaded once into ``work``/sdist."""
+    from importlib.metadata import version
+
+    dl = work / "sdist"
+    wanted = f"llama_cpp_python-{version('llama-cpp-python')}.tar.gz"
+    if not (dl / wanted).is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
+                        f"llama-cpp-python=={version('llama-cpp-python')}", "-d", str(dl)], check=True)
+    return next(dl.glob("llama_cpp_python-*.tar.gz"))

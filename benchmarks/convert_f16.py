@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import markdown_table, measure, spread, timing, write_results  # noqa: E402
+from _measure import llama_cpp_sdist, markdown_table, measure, spread, timing, write_results  # noqa: E402
 from _models import random_llama  # noqa: E402
 
 NAME = "convert_f16"
@@ -39,10 +38,7 @@ def llama_cpp_converter(work: Path) -> Path:
     script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
     if script.is_file():
         return script
-    dl = work / "sdist"
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
-                    f"llama-cpp-python=={version('llama-cpp-python')}", "-d", str(dl)], check=True)
-    with tarfile.open(next(dl.glob("*.tar.gz"))) as tar:
+    with tarfile.open(llama_cpp_sdist(work)) as tar:
         members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and
                    (m.name.endswith("convert_hf_to_gguf.py") or "/gguf-py/" in m.name or "/conversion/" in m.name)]
         tar.extractall(work / "extract", members=members, filter="data")

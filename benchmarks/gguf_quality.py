@@ -33,7 +33,7 @@ import gguf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import cached_embedded_artifact, markdown_table, write_results  # noqa: E402
+from _measure import cached_embedded_artifact, llama_cpp_sdist, markdown_table, write_results  # noqa: E402
 
 NAME = "gguf_quality"
 SAMPLES, SEQLEN = 32, 512
@@ -49,11 +49,8 @@ def llama_cpp_tools(work: Path, threads: int) -> tuple[dict[str, Path], float]:
     if all(p.is_file() for p in tools.values()):
         return tools, float(took.read_text()) if took.is_file() else float("nan")
     start = time.perf_counter()
-    dl = work / "sdist"
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
-                    f"llama-cpp-python=={version('llama-cpp-python')}", "-d", str(dl)], check=True)
     shutil.rmtree(root, ignore_errors=True)
-    with tarfile.open(next(dl.glob("*.tar.gz"))) as tar:
+    with tarfile.open(llama_cpp_sdist(work)) as tar:
         prefix = tar.getmembers()[0].name.split("/")[0] + "/vendor/llama.cpp/"
         members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
         for m in members:

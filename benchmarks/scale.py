@@ -77,13 +77,14 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
             predicted = predict_convert_peak(source, parse_recipe(recipe, options))
         print(f"{name}: {LABELS[path]} ...", flush=True)
         before = set(out.iterdir()) if out.is_dir() else set()
+        row = {"shape": name, "params": params, "weights_bytes": weights, "path": path, "machine": machine(),
+               "date": time.strftime("%Y-%m-%d"), "predicted_peak_bytes": predicted["total_bytes"],
+               "predicted_terms": predicted["terms"]}
         try:
             wall, peak = measure(cmd, REPO)
         except SystemExit as exc:  # recorded, and the other paths still run
             print(f"  failed: {exc}", flush=True)
-            rows.append({"shape": name, "params": params, "weights_bytes": weights, "path": path, "failed": str(exc)[-400:],
-                         "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                         "predicted_peak_bytes": predicted["total_bytes"], "predicted_terms": predicted["terms"]})
+            rows.append({**row, "failed": str(exc)[-400:]})
             continue
         folder = None
         if recipe:
@@ -93,10 +94,7 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
         # what the path's runtime maps or holds of the artifact it runs (verification, profile)
         artifact = _artifact_bytes(folder or gguf_artifact)
         print(f"  {wall:.0f} s, peak {peak / 1e6:,.0f} MB, predicted {predicted['total_bytes'] / 1e6:,.0f} MB", flush=True)
-        rows.append({"shape": name, "params": params, "weights_bytes": weights, "path": path, "wall_s": wall,
-                     "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                     "peak_rss_bytes": peak, "predicted_peak_bytes": predicted["total_bytes"],
-                     "predicted_terms": predicted["terms"], "artifact_bytes": artifact})
+        rows.append({**row, "wall_s": wall, "peak_rss_bytes": peak, "artifact_bytes": artifact})
         if folder is not None and path != "gguf":  # the disk is needed for the next paths
             shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)

@@ -29,7 +29,12 @@ __all__ = [
     "DEFAULT_MIX",
     "calibration_texts",
     "calibration_windows",
+    "source_windows",
+    "DEFAULT_TEXTS",
 ]
+
+#: how a manifest names the default texts
+DEFAULT_TEXTS = "default (en: pydoc topics, code: stdlib modules, zh: calib-zh.txt)"
 
 # stable, pure-Python standard-library modules, none of them in the evaluation corpus
 # (tests/test_gptq.py checks both lists stay disjoint)
@@ -115,3 +120,17 @@ def calibration_windows(
         windows.append(([bos] if adds_bos else []) + ids[start : start + body])
     counts = {name: labels.count(name) for name in sorted(tokens)}
     return windows, counts
+
+
+def source_windows(source_path: str | Path, opts: Mapping[str, Any]) -> tuple[Any, list[list[int]], dict[str, Any]]:
+    """The calibration windows a recipe's options (``calib``, ``calib_samples``, ``calib_seqlen``,
+    ``seed``) ask for, tokenized by the HF checkpoint at ``source_path``: (tokenizer, windows,
+    what a manifest records of them)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source_path, trust_remote_code=False)
+    windows, counts = calibration_windows(tokenizer, calibration_texts(opts["calib"]), n_samples=opts["calib_samples"],
+                                          seqlen=opts["calib_seqlen"], seed=opts["seed"])
+    details = {"texts": opts["calib"] or DEFAULT_TEXTS, "windows_per_domain": counts, "samples": len(windows),
+               "seqlen": opts["calib_seqlen"], "seed": opts["seed"], "tokens": sum(len(w) for w in windows)}
+    return tokenizer, windows, details

@@ -128,13 +128,13 @@ def _bits(recipe: Recipe) -> tuple[float, float]:
     from .plan import CANDIDATES
 
     table = {c.recipe: (c.bits_per_weight, c.embedding_bits) for c in CANDIDATES}
-    base = f"{recipe.format}:{recipe.scheme.split('-')[0].split('+')[0]}"  # q3_k_m+imatrix as q3_k_m
+    scheme = recipe.scheme.split("-")[0].split("+")[0]  # q3_k_m+imatrix as q3_k_m
+    base = f"{recipe.format}:{scheme}"
     if str(recipe) in table or base in table:
         return table.get(str(recipe)) or table[base]
     if recipe.format == "gptq":  # w{bits}g{group}: fp16 scale and packed zero per group, fp16 embedding
         bits = int(recipe.scheme[1])
         return bits + 0.25, 16.0
-    scheme = recipe.scheme.split("-")[0].split("+")[0]
     bits = _FLOAT_BITS.get(scheme) or _GGUF_BITS.get(scheme, _OTHER_QUANTIZED_BITS)
     return bits, max(bits, 6.56 if bits < 16 else bits)  # llama.cpp mixes keep the head at q6_k or more
 
@@ -179,23 +179,6 @@ def _gptq_phase(shape: ModelShape, recipe: Recipe) -> dict[str, int]:
     return {"libraries": LIBRARIES_BYTES, **engine, "gptq_work": _gptq_work(shape, recipe)}
 
 
-def _onnx_prequantized(source: Source, recipe: Recipe) -> Recipe | None:
-    """The ``gptq:`` recipe an ONNX recipe is built from, when it is built from one."""
-    from .formats.onnx import parse_scheme, prequantized
-    from .formats.onnx.export import model_kind
-    from .formats.options import CALIBRATION_OPTION_NAMES
-    from .recipe import parse_recipe
-
-    scheme = parse_scheme(recipe.scheme)
-    if (recipe.option("static_shapes", False) or model_kind(source.config) != "decoder"
-            or not prequantized(scheme, source.config)):
-        return None
-    if scheme.algo == "rtn":
-        return parse_recipe(f"gptq:w4g{scheme.block_size}-rtn", {"sym": False})
-    return parse_recipe(f"gptq:w4g{scheme.block_size}", {k: recipe.option(k, None) for k in CALIBRATION_OPTION_NAMES
-                                                          if recipe.option(k, None) is not None})
-
-
 def _builder_prequantized(shape: ModelShape, checkpoint: Recipe) -> dict[str, int]:
     """onnxruntime-genai's builder on quantkit's GPTQ checkpoint (traced on the Qwen2.5-0.5B and
     1.5B shapes): it loads the whole checkpoint (4-bit Linears, float16 tables), repacks the Linears
@@ -228,7 +211,9 @@ def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True,
     elif recipe.format == "gptq":
         phases["quantize"] = _gptq_phase(shape, recipe)
     elif recipe.format == "onnx":
-        prequantized = _onnx_prequantized(source, recipe)
+        from .formats.onnx import checkpoint_recipe
+
+        prequantized = checkpoint_recipe(recipe, source.config)
         if prequantized is not None:  # quantkit's streamed GPTQ/RTN checkpoint, then the builder on it
             phases["quantize"] = _gptq_phase(shape, prequantized)
             phases["export"] = {"libraries": LIBRARIES_BYTES, **_builder_prequantized(shape, prequantized)}

@@ -101,3 +101,8 @@ def test_i_quants_need_an_importance_matrix(tiny_model, tmp_path, capsys):
     assert "needs an importance matrix" in capsys.readouterr().err
     assert main(["-q", "convert", str(folder), "--to", "gguf:f16+imatrix", "-o", str(tmp_path)]) == 2
     assert "not quantized" in capsys.readouterr().err
+    damaged = tmp_path / "imatrix.gguf"  # a GGUF header whose first string runs past the end
+    damaged.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(200)))
+    assert main(["-q", "convert", str(folder), "--to", "gguf:q4_0", "--imatrix", str(damaged), "--no-verify", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt or truncated GGUF" in err[0]

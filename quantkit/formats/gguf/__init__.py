@@ -56,7 +56,7 @@ def _parse_gguf_scheme(scheme: str, options: Mapping[str, Any]) -> tuple[str, di
         if not path.is_file():
             raise RecipeError(f"GGUF option imatrix={imatrix!r}: expected auto, none or a GGUF imatrix file")
         imatrix = str(path)
-    quantized = base not in FLOAT_TYPES and base != "f32"
+    quantized = base not in FLOAT_TYPES
     if scheme != base and not quantized:
         raise RecipeError(f"gguf:{scheme}: {base} is not quantized; an importance matrix is for quantized types")
     if base in IMATRIX_SCHEMES:
@@ -123,10 +123,10 @@ class GGUFFormat(Format):
                 final = out_dir / f"{source.name}-{recipe.tag}"
                 imatrix, imatrix_info = None, None
                 if recipe.option("imatrix"):
-                    key = tuple(sorted(recipe.options))
-                    if key not in imatrices:
-                        imatrices[key] = _imatrix(source, recipe, Path(work) / f"imatrix-{len(imatrices)}.gguf", progress)
-                    imatrix, imatrix_info = imatrices[key]
+                    if recipe.options not in imatrices:
+                        imatrices[recipe.options] = _imatrix(source, recipe, Path(work) / f"imatrix-{len(imatrices)}.gguf",
+                                                             progress)
+                    imatrix, imatrix_info = imatrices[recipe.options]
                 with atomic_dir(final) as tmp:
                     out = tmp / f"{source.name}-{recipe.scheme.upper()}.gguf"
                     if recipe.scheme == base_type:
@@ -167,19 +167,13 @@ def _imatrix(source: Source, recipe: Recipe, path: Path, progress: Progress) -> 
     if source.kind != "hf":
         raise InputError(f"{source.id}: an importance matrix is computed from an HF checkpoint; "
                          "for a GGUF source pass --imatrix FILE (a llama-imatrix file)")
-    from transformers import AutoTokenizer
-
-    from ...calibration import calibration_texts, calibration_windows
+    from ...calibration import source_windows
 
     opts = dict(recipe.options)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-    texts = calibration_texts(opts["calib"])
-    windows, counts = calibration_windows(tokenizer, texts, n_samples=opts["calib_samples"], seqlen=opts["calib_seqlen"],
-                                          seed=opts["seed"])
-    datasets = [Path(opts["calib"]).name] if opts["calib"] else [f"quantkit calibration mix ({', '.join(sorted(texts))})"]
+    _, windows, calibration = source_windows(source.path, opts)
+    datasets = [Path(opts["calib"]).name if opts["calib"] else f"quantkit calibration mix ({', '.join(calibration['windows_per_domain'])})"]
     matrix = compute_imatrix(source, windows, datasets=datasets,
                              task=lambda what, total: progress.task(f"importance matrix: {what}", total))
     matrix.write(path)
     return path, {"file": IMATRIX_FILE, "sha256": matrix.digest(), "datasets": datasets, "tensors": len(matrix.sums),
-                  "calibration": {"windows_per_domain": counts, "samples": len(windows), "seqlen": opts["calib_seqlen"],
-                                  "seed": opts["seed"], "tokens": sum(len(w) for w in windows)}}
+                  "calibration": calibration}

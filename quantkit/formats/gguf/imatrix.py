@@ -80,14 +80,22 @@ class ImportanceMatrix:
     @classmethod
     def read(cls, path: Path) -> ImportanceMatrix:
         """A GGUF imatrix file (``llama-imatrix``'s or quantkit's); dense weights only."""
+        from .header import read_gguf_summary
+
+        read_gguf_summary(path)  # magic, header and every tensor inside the file, or one line saying what is wrong
         try:
             reader = gguf.GGUFReader(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: not a GGUF imatrix file ({exc})") from exc
-        kind = reader.get_field(gguf.Keys.General.TYPE)
-        if kind is None or kind.contents() != "imatrix":
+            kind = reader.get_field(gguf.Keys.General.TYPE)
+            kind = kind.contents() if kind is not None else None
+            tensors = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+            datasets = reader.get_field(gguf.Keys.IMatrix.DATASETS)
+            datasets = [str(v) for v in datasets.contents()] if datasets else []
+            size = reader.get_field(gguf.Keys.IMatrix.CHUNK_SIZE)
+            size = int(size.contents()) if size else 0
+        except Exception as exc:  # what gguf-py raises on a damaged file (IndexError, ValueError, ...)
+            raise InputError(f"{path}: corrupt GGUF imatrix file ({type(exc).__name__}: {exc})") from exc
+        if kind != "imatrix":
             raise InputError(f"{path}: not a GGUF imatrix file (general.type is not 'imatrix'; the legacy .dat format is not read)")
-        tensors = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
         sums, counts = {}, {}
         for key, data in tensors.items():
             if not key.endswith(_IN_SUM2):
@@ -99,10 +107,7 @@ class ImportanceMatrix:
             if data.ndim != 1 or count.size != 1:
                 raise InputError(f"{path}: {name} has per-expert sums (mixtures of experts are not read yet)")
             sums[name], counts[name] = data, int(round(float(count.reshape(-1)[0])))
-        datasets = reader.get_field(gguf.Keys.IMatrix.DATASETS)
-        size = reader.get_field(gguf.Keys.IMatrix.CHUNK_SIZE)
-        return cls(sums, counts, [str(v) for v in datasets.contents()] if datasets else [],
-                   int(size.contents()) if size else 0)
+        return cls(sums, counts, datasets, size)
 
 
 def compute_imatrix(

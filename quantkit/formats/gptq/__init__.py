@@ -87,9 +87,8 @@ def quantize_source(
     """Quantize ``source`` block by block, streamed from its checkpoint: (result, calibration
     details). ``on_block(step, codes)`` receives each block as soon as its codes exist."""
     import torch
-    from transformers import AutoTokenizer
 
-    from ...calibration import calibration_texts, calibration_windows
+    from ...calibration import source_windows
     from .algorithm import QuantGrid
     from .sequential import GPTQSettings, pick_device, quantize_blocks
 
@@ -103,23 +102,9 @@ def quantize_source(
         result = quantize_blocks(stream, spec, GPTQSettings(grid, method="rtn"), on_block=on_block, task=progress.task)
         return result, {"method": "rtn"}
     settings = GPTQSettings(grid, "gptq", opts["damp"], opts["act_order"], opts["static_groups"])
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-    texts = calibration_texts(opts["calib"])
-    windows, counts = calibration_windows(
-        tokenizer, texts, n_samples=opts["calib_samples"], seqlen=opts["calib_seqlen"], seed=opts["seed"]
-    )
+    _, windows, calibration = source_windows(source.path, opts)
     result = quantize_blocks(stream, spec, settings, windows, on_block=on_block, task=progress.task)
-    calibration = {
-        "method": "gptq",
-        "texts": opts["calib"] or "default (en: pydoc topics, code: stdlib modules, zh: calib-zh.txt)",
-        "windows_per_domain": counts,
-        "samples": len(windows),
-        "seqlen": opts["calib_seqlen"],
-        "seed": opts["seed"],
-        "tokens": sum(len(w) for w in windows),
-        "device": pick_device().type,
-    }
-    return result, calibration
+    return result, {"method": "gptq", **calibration, "device": pick_device().type}
 
 
 def write_quantized(folder: Path, source: Source, recipe: Recipe, progress: Progress | None = None) -> tuple[Any, dict, list[str]]:

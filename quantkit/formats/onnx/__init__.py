@@ -41,7 +41,7 @@ from ...source import Source
 from .. import ConvertOptions, Format, register_format
 from ..options import CALIBRATION_OPTION_NAMES, Option, calibration_options, resolve_options
 
-__all__ = ["OnnxFormat", "OnnxScheme", "parse_scheme", "prequantized", "OPTION_DEFAULTS", "MODEL_NAME", "GENAI_CONFIG"]
+__all__ = ["OnnxFormat", "OnnxScheme", "parse_scheme", "checkpoint_recipe", "OPTION_DEFAULTS", "MODEL_NAME", "GENAI_CONFIG"]
 
 MODEL_NAME = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
@@ -75,15 +75,25 @@ class OnnxScheme:
         return self.dtype == "int8-static" or self.algo == "gptq"
 
 
-def prequantized(scheme: OnnxScheme, config: Mapping[str, Any]) -> bool:
-    """Whether the builder takes quantkit's own streamed GPTQ-layout checkpoint of a decoder with
-    ``config`` rather than its float weights: ``-gptq`` always; round to nearest in the blocks a
-    GPTQ checkpoint takes, for the architectures quantkit's GPTQ knows (others: the float path)."""
+def checkpoint_recipe(recipe: Recipe, config: Mapping[str, Any]) -> Recipe | None:
+    """The ``gptq:`` recipe of quantkit's own streamed checkpoint that the builder takes instead
+    of the float weights for the ONNX ``recipe`` of a model with ``config``, or None (the float
+    path): ``-gptq`` always (with the recipe's calibration); round to nearest in the blocks a GPTQ
+    checkpoint takes, for the architectures quantkit's GPTQ knows, as min-max with a zero point per
+    block like the builder's own quantizer. Only decoders with a KV cache go through the builder."""
+    from .. import get_format
     from ..gptq.arch import ARCHITECTURES
+    from .export import model_kind
 
+    scheme = parse_scheme(recipe.scheme)
+    if recipe.option("static_shapes", False) or model_kind(config) != "decoder":
+        return None
+    gptq = get_format("gptq")
     if scheme.algo == "gptq":
-        return True
-    return scheme.algo == "rtn" and scheme.block_size in PREQUANTIZED_BLOCKS and config.get("model_type") in ARCHITECTURES
+        return gptq.parse_recipe(f"w4g{scheme.block_size}", {k: recipe.option(k) for k in CALIBRATION_OPTION_NAMES})
+    if scheme.algo == "rtn" and scheme.block_size in PREQUANTIZED_BLOCKS and config.get("model_type") in ARCHITECTURES:
+        return gptq.parse_recipe(f"w4g{scheme.block_size}-rtn", {"sym": False})
+    return None
 
 
 def parse_scheme(scheme: str) -> OnnxScheme:
@@ -120,24 +130,16 @@ def _recipe_options(scheme: OnnxScheme, options: Mapping[str, Any]) -> tuple[tup
 def _calibration_feeds(source: Source, model_path: Path, opts: dict[str, Any], kind: str) -> tuple[list[dict], dict]:
     """Input dicts for ``int8-static`` calibration: token windows from the calibration mix (an
     encoder's framed by its special tokens, [CLS] ... [SEP], as it sees text in use)."""
-    from transformers import AutoTokenizer
-
-    from ...calibration import calibration_texts, calibration_windows
+    from ...calibration import source_windows
     from .graph import OnnxSessionInputs
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-    windows, counts = calibration_windows(
-        tokenizer, calibration_texts(opts["calib"]), n_samples=opts["calib_samples"],
-        seqlen=opts["calib_seqlen"], seed=opts["seed"],
-    )
+    tokenizer, windows, details = source_windows(source.path, opts)
     if kind == "encoder":
         prefix, suffix = _special_frame(tokenizer)
         keep = len(prefix) + len(suffix)
         windows = [prefix + w[: len(w) - keep] + suffix for w in windows]
     inputs = OnnxSessionInputs.from_model_file(model_path)
     feeds = [inputs.feeds(window) for window in windows]
-    details = {"samples": len(windows), "seqlen": opts["calib_seqlen"], "seed": opts["seed"],
-               "windows_per_domain": counts, "texts": opts["calib"] or "default calibration mix"}
     return feeds, details
 
 
@@ -214,8 +216,9 @@ class OnnxFormat(Format):
         info: dict[str, Any] = {"kind": "decoder", "exporter": {"name": "onnxruntime-genai model builder",
                                                                "version": builder_version()}}
         model_dir = source.path
-        if prequantized(scheme, config):
-            model_dir, info["gptq"] = self._gptq_checkpoint(source, scheme, opts, work, options, progress)
+        checkpoint = checkpoint_recipe(recipe, config)
+        if checkpoint is not None:
+            model_dir, info["gptq"] = self._gptq_checkpoint(source, checkpoint, work, options, progress)
         extra: dict[str, Any] = {}
         if scheme.dtype in ("int4", "int8"):
             extra["block_size"] = scheme.block_size or 32
@@ -238,18 +241,13 @@ class OnnxFormat(Format):
             manifest = _finish(tmp, source, recipe, info, options)
         return Artifact(final, final / MODEL_NAME, manifest)
 
-    def _gptq_checkpoint(self, source, scheme: OnnxScheme, opts, work: Path, options, progress) -> tuple[Path, dict]:
-        """quantkit's GPTQ checkpoint of ``source`` (w4, the scheme's block as group size; round to
-        nearest for plain int4), streamed block by block, for the builder to take as pre-quantized input."""
+    def _gptq_checkpoint(self, source, recipe: Recipe, work: Path, options, progress) -> tuple[Path, dict]:
+        """quantkit's GPTQ checkpoint of ``source`` (``recipe``, from :func:`checkpoint_recipe`),
+        streamed block by block, for the builder to take as pre-quantized input."""
         from .. import get_format
 
-        gptq = get_format("gptq")
-        if scheme.algo == "rtn":  # min-max with a zero point per block, as the builder's own quantizer
-            recipe = gptq.parse_recipe(f"w4g{scheme.block_size}-rtn", {"sym": False})
-        else:
-            recipe = gptq.parse_recipe(f"w4g{scheme.block_size}", {k: opts[k] for k in CALIBRATION_OPTION_NAMES})
         sub = ConvertOptions(threads=options.threads, progress=progress, verify=None)
-        [artifact] = gptq.convert(source, [recipe], work / "gptq", sub)
+        [artifact] = get_format("gptq").convert(source, [recipe], work / "gptq", sub)
         info = {"recipe": recipe.to_dict()}
         if "calibration" in artifact.manifest.get("details", {}):
             info["calibration"] = artifact.manifest["details"]["calibration"]
