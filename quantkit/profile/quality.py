@@ -10,7 +10,7 @@ import numpy as np
 from . import stats
 from .reference import ReferenceScores, log_softmax, score_start
 
-__all__ = ["kl_divergence", "top1_agreement", "kld_from_topk", "summarize", "score_artifact_window"]
+__all__ = ["kl_divergence", "top1_agreement", "kld_from_topk", "summarize", "score_artifact_window", "score_windows"]
 
 
 def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray, chunk_rows: int = 16) -> np.ndarray:
@@ -69,6 +69,19 @@ def score_artifact_window(
         "nll": np.concatenate(nll),
         "ref_nll": -ref.target_logp[offset : offset + n].astype(np.float64),
     }
+
+
+def score_windows(runtime, windows: list[list[int]], ref: ReferenceScores, advance=None) -> list[dict[str, np.ndarray]]:
+    """:func:`score_artifact_window` for each window of one set, in order, against that set's
+    reference rows (``ref`` holds every window's scored rows back to back)."""
+    parts, offset = [], 0
+    for window in windows:
+        part = score_artifact_window(runtime.logits(window), window, ref, offset)
+        offset += len(part["kld"])
+        parts.append(part)
+        if advance:
+            advance(1)
+    return parts
 
 
 def summarize(parts: list[dict[str, np.ndarray]]) -> dict[str, Any]:

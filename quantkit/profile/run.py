@@ -19,7 +19,7 @@ from ..progress import Progress
 from ..runtimes import get_runtime
 from .latency import measure_latency
 from .memory import kv_cache_bytes_per_token, predicted_terms
-from .quality import score_artifact_window, summarize
+from .quality import score_windows, summarize
 from .reference import reference_scores
 from .roofline import host_info
 from .stats import METHODS
@@ -211,14 +211,8 @@ def _quality(runtime_cls, main, reference, texts, ctx, chunks, threads, cache_di
             fingerprint=reference.source.fingerprint, cache_dir=cache_dir,
         )
         for domain, windows in by_domain.items():
-            ref = references[domain]
-            parts, offset = [], 0
             with (progress or Progress(False)).task(f"scoring {domain}", len(windows)) as advance:
-                for window in windows:
-                    part = score_artifact_window(runtime.logits(window), window, ref, offset)
-                    offset += len(part["kld"])
-                    parts.append(part)
-                    advance(1)
+                parts = score_windows(runtime, windows, references[domain], advance)
             per_domain[domain] = {**summarize(parts), "windows_sha256": _windows_digest(windows)}
             all_parts += parts
     finally:

@@ -11,6 +11,10 @@ it from the HF source on quantkit's calibration windows (the GPTQ text mix, disj
 evaluation text) on the layer-streaming engine; a FILE is a GGUF imatrix as ``llama-imatrix``
 writes it. The matrix used goes beside the GGUF as ``imatrix.gguf`` (``llama-quantize --imatrix``
 reads it) and its sha256 into the manifest.
+
+``gguf:auto-BUDGET`` (``gguf:auto-4.5bpw``, ``gguf:auto-240MB``; or ``gguf:auto`` with
+``--target-bpw``/``--target-size``) chooses a type per tensor under that budget from measured
+sensitivities (:mod:`.auto`), always with an importance matrix.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ...recipe import Recipe
 from ...runtimes.llamacpp import check_loads
 from ...source import Source
 from .. import ConvertOptions, Format, register_format
-from ..options import calibration_options, resolve_options
+from ..options import Option, calibration_options, resolve_options
 from .header import read_gguf_summary
 from .quantize import IMATRIX_SCHEMES, QUANT_SCHEMES, quantize_gguf
 from .writer import FLOAT_TYPES, tensor_count, write_float_gguf
@@ -41,12 +45,41 @@ IMATRIX_FILE = "imatrix.gguf"
 # text (llama-imatrix reads whole files in windows of 512; 32 windows, 16k tokens, keep the
 # pass a few minutes for a 270M model on two CPU cores: the sums of squares settle early)
 CALIBRATION = calibration_options(samples=32, seqlen=512)
-OPTION_NAMES = frozenset({"imatrix", *CALIBRATION})
+# gguf:auto: its budget, and how many of the calibration windows its sensitivities are measured on
+AUTO = {**CALIBRATION, "probe_windows": Option(4, "int", minimum=1)}
+BUDGET_KEYS = ("target_size", "target_bpw")
+OPTION_NAMES = frozenset({"imatrix", *AUTO, *BUDGET_KEYS})
+
+
+def _parse_auto(scheme: str, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``auto-4.5bpw`` / ``auto-240mb``, or ``auto`` with a target_size/target_bpw option."""
+    from .auto import budget_label, parse_budget
+
+    given = {k: options[k] for k in BUDGET_KEYS if options.get(k) is not None}
+    if scheme != "auto" and given:
+        raise RecipeError(f"gguf:{scheme} carries its budget; drop --target-size/--target-bpw or use gguf:auto")
+    if scheme != "auto":
+        budget = parse_budget(scheme.removeprefix("auto-"))
+    elif len(given) != 1:
+        raise RecipeError("gguf:auto needs one budget: --target-bpw B or --target-size SIZE, or gguf:auto-4.5bpw / gguf:auto-240MB")
+    elif "target_bpw" in given:
+        budget = parse_budget(f"{given['target_bpw']}bpw")
+    else:
+        budget = parse_budget(str(given["target_size"]))
+        if "target_size" not in budget:
+            raise RecipeError(f"--target-size {given['target_size']!r}: expected a file size (240MB, 1.5GiB, bytes)")
+    imatrix = options.get("imatrix") or "auto"
+    if imatrix == "none":
+        raise RecipeError("gguf:auto quantizes with an importance matrix: use --imatrix auto (the default) or a FILE")
+    values = resolve_options("GGUF", AUTO, {k: v for k, v in options.items() if k in AUTO})
+    return f"auto-{budget_label(budget)}", {"imatrix": imatrix, **values, **budget}
 
 
 def _parse_gguf_scheme(scheme: str, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """(canonical scheme, options) of a GGUF recipe: ``+imatrix`` when an importance matrix is
     used on a type that has a plain form, and the options only then."""
+    if scheme == "auto" or scheme.startswith("auto-"):
+        return _parse_auto(scheme, options)
     base = scheme.removesuffix(IMATRIX_SUFFIX)
     if base not in QUANT_SCHEMES:
         raise RecipeError(f"unknown GGUF type {base!r}; known: {', '.join(QUANT_SCHEMES)} (quantized types take {IMATRIX_SUFFIX})")
@@ -119,17 +152,36 @@ class GGUFFormat(Format):
                 base_type, base = None, source.path
                 details = dict(source.config)
             imatrices: dict[tuple, tuple[Path, dict]] = {}  # one per calibration setting or file
+            analyses: dict[tuple, Any] = {}  # gguf:auto's, one per calibration setting
             for recipe in recipes:
                 final = out_dir / f"{source.name}-{recipe.tag}"
-                imatrix, imatrix_info = None, None
+                imatrix, imatrix_info, auto = None, None, recipe.scheme.startswith("auto-")
+                if auto:
+                    from .auto import check_budget
+
+                    if source.kind != "hf":
+                        raise InputError(f"{source.id}: gguf:auto measures sensitivities against the float model; "
+                                         "convert from the HF checkpoint")
+                    check_budget(base, {k: recipe.option(k) for k in BUDGET_KEYS if recipe.option(k)}, recipe.scheme)
                 if recipe.option("imatrix"):
-                    if recipe.options not in imatrices:
-                        imatrices[recipe.options] = _imatrix(source, recipe, Path(work) / f"imatrix-{len(imatrices)}.gguf",
-                                                             progress)
-                    imatrix, imatrix_info = imatrices[recipe.options]
+                    key = _shared(recipe, (*BUDGET_KEYS, "probe_windows"))
+                    if key not in imatrices:
+                        imatrices[key] = _imatrix(source, recipe, Path(work) / f"imatrix-{len(imatrices)}.gguf", progress)
+                    imatrix, imatrix_info = imatrices[key]
+                if auto and (key := _shared(recipe, BUDGET_KEYS)) not in analyses:
+                    analyses[key] = _analysis(source, recipe, base, imatrix, Path(work), options.threads, progress)
                 with atomic_dir(final) as tmp:
                     out = tmp / f"{source.name}-{recipe.scheme.upper()}.gguf"
-                    if recipe.scheme == base_type:
+                    auto_info = None
+                    if auto:
+                        from .auto import measured_kld, quantize_choice
+
+                        analysis, budget = analyses[key], {k: recipe.option(k) for k in BUDGET_KEYS if recipe.option(k)}
+                        types = analysis.choose(budget, recipe.scheme)
+                        with progress.task(f"quantizing {recipe.scheme}", read_gguf_summary(base)["tensor_count"]) as advance:
+                            quantize_choice(base, out, types, imatrix, analysis, threads=options.threads, advance=advance)
+                        auto_info = {**analysis.describe(types, budget), **measured_kld(out, analysis, options.threads)}
+                    elif recipe.scheme == base_type:
                         _link_or_copy(base, out)
                     elif recipe.scheme in FLOAT_TYPES and source.kind == "hf":
                         with progress.task(f"writing {recipe.scheme.upper()} GGUF", tensor_count(source)) as advance:
@@ -140,6 +192,8 @@ class GGUFFormat(Format):
                             quantize_gguf(base, out, recipe.scheme.removesuffix(IMATRIX_SUFFIX), threads=options.threads,
                                           advance=advance, imatrix=imatrix)
                     info = {**details, **read_gguf_summary(out), "intermediate": base_type}
+                    if auto_info is not None:
+                        info["auto"] = auto_info
                     if imatrix is not None:
                         shutil.copyfile(imatrix, tmp / IMATRIX_FILE)
                         info["imatrix"] = imatrix_info
@@ -152,6 +206,26 @@ class GGUFFormat(Format):
                                               main_file=out.name if imatrix is not None else None)
                 artifacts.append(Artifact(final, final / out.name, manifest))
         return artifacts
+
+
+def _shared(recipe: Recipe, drop: Sequence[str]) -> tuple:
+    """A recipe's options without ``drop``: what recipes that share work have in common."""
+    return tuple((k, v) for k, v in recipe.options if k not in drop)
+
+
+def _analysis(source: Source, recipe: Recipe, base: Path, imatrix: Path, work: Path, threads: int | None,
+              progress: Progress):
+    """gguf:auto's per-tensor options and group sensitivities, on ``probe_windows`` of the recipe's
+    calibration windows spread over the mix."""
+    from ...calibration import source_windows
+    from ...runtimes.torch import TorchReference
+    from .auto import analyse
+
+    _, windows, _ = source_windows(source.path, dict(recipe.options))
+    n = min(recipe.option("probe_windows"), len(windows))
+    probes = [windows[i * len(windows) // n] for i in range(n)]
+    reference = TorchReference(source, threads=threads)
+    return analyse(base, imatrix, lambda w: reference.logits(w), probes, work, threads=threads, progress=progress)
 
 
 def _imatrix(source: Source, recipe: Recipe, path: Path, progress: Progress) -> tuple[Path, dict]:

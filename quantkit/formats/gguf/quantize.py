@@ -6,7 +6,7 @@ import ctypes
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gguf
@@ -14,7 +14,7 @@ import numpy as np
 
 from ...errors import ConversionError
 
-__all__ = ["QUANT_SCHEMES", "IMATRIX_SCHEMES", "quantize_gguf"]
+__all__ = ["QUANT_SCHEMES", "IMATRIX_SCHEMES", "quantize_gguf", "tensor_type_id"]
 
 F = gguf.LlamaFileType
 # recipe scheme -> llama.cpp file type
@@ -55,6 +55,11 @@ IMATRIX_SCHEMES = frozenset(s for s in QUANT_SCHEMES if s.startswith(("iq3", "iq
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
 
+def tensor_type_id(name: str) -> int:
+    """ggml's id of a tensor type named as in ``GGMLQuantizationType`` (``q4_k``, ``iq4_nl``)."""
+    return int(gguf.GGMLQuantizationType[name.upper()])
+
+
 def quantize_gguf(
     src: Path,
     dst: Path,
@@ -63,14 +68,20 @@ def quantize_gguf(
     threads: int | None = None,
     advance: Callable[[int], None] | None = None,
     imatrix: Path | None = None,
+    overrides: Sequence[tuple[str, str]] = (),
+    pure: bool = False,
 ) -> None:
     """Quantize ``src`` into ``dst`` with llama.cpp, in a child process (an abort inside
     llama.cpp becomes a NativeError), weighing errors by the GGUF ``imatrix`` file when given;
-    a non-zero return is a ConversionError."""
+    a non-zero return is a ConversionError. ``overrides``: (regex on tensor names, tensor type)
+    pairs, the first match wins (llama-quantize's ``--tensor-type``); ``pure``: no type mix,
+    every other quantized tensor gets the scheme's base type (llama.cpp still falls back where a
+    tensor's rows do not divide into the type's blocks)."""
     from ...isolate import run_isolated
 
     args = {"src": str(src), "dst": str(dst), "ftype": int(QUANT_SCHEMES[scheme]),
-            "threads": threads or os.cpu_count() or 1, "imatrix": str(imatrix) if imatrix else None}
+            "threads": threads or os.cpu_count() or 1, "imatrix": str(imatrix) if imatrix else None,
+            "overrides": [[pattern, tensor_type_id(kind)] for pattern, kind in overrides], "pure": pure}
     rc = run_isolated("quantkit.formats.gguf.quantize:quantize_in_child", args,
                       what=f"llama.cpp quantizing {src.name} to {scheme}", on_progress=advance)
     if rc != 0 or not dst.is_file():
@@ -93,7 +104,15 @@ def quantize_in_child(args: dict, reporter) -> int:
     params.ftype = args["ftype"]
     params.nthread = args["threads"]
     params.allow_requantize = True  # a quantized GGUF source may be re-quantized
+    params.pure = bool(args.get("pure"))
     keep = []  # what params points into lives until llama.cpp returns
+    if args.get("overrides"):
+        overrides = (llama_cpp.llama_model_tensor_override * (len(args["overrides"]) + 1))()  # null pattern: the end
+        for entry, (pattern, kind) in zip(overrides, args["overrides"], strict=False):
+            keep.append(pattern.encode())
+            entry.pattern, entry.type = keep[-1], kind
+        params.tt_overrides = overrides
+        keep.append(overrides)
     if args.get("imatrix"):
         from .imatrix import ImportanceMatrix
 

@@ -1,0 +1,96 @@
+"""gguf:auto: per-tensor llama.cpp types under a size budget, from measured sensitivities."""
+
+from __future__ import annotations
+
+import itertools
+
+import gguf
+import numpy as np
+import pytest
+
+from quantkit.api import convert
+from quantkit.cli import main
+from quantkit.errors import RecipeError
+from quantkit.formats.gguf.auto import budget_label, group_of, knapsack, parse_budget
+
+
+def _brute_force(items, capacity):
+    best = None
+    for picks in itertools.product(*(range(len(options)) for options in items)):
+        weight = sum(items[k][j][0] for k, j in enumerate(picks))
+        cost = sum(items[k][j][1] for k, j in enumerate(picks))
+        if weight <= capacity and (best is None or cost < best[0]):
+            best = (cost, picks)
+    return best
+
+
+def test_knapsack_finds_the_optimum_of_hand_built_tables():
+    # a table where taking the cheapest option per item greedily by cost/byte is not optimal
+    items = [[(2, 9.0), (4, 4.0), (8, 0.5)], [(2, 6.0), (3, 5.0), (6, 1.0)], [(1, 3.0), (5, 0.0)]]
+    picks = knapsack(items, 12)
+    assert picks == list(_brute_force(items, 12)[1]) == [1, 2, 0]
+    assert knapsack(items, 4) is None  # the lightest mix weighs 5
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        table = [[(int(w), float(c)) for w, c in zip(rng.integers(1, 9, n), rng.random(n) * 10, strict=True)]
+                 for n in rng.integers(1, 5, size=rng.integers(1, 6))]
+        capacity = int(rng.integers(0, 30))
+        expected, picks = _brute_force(table, capacity), knapsack(table, capacity)
+        if expected is None:
+            assert picks is None
+        else:
+            assert sum(table[k][j][0] for k, j in enumerate(picks)) <= capacity
+            assert sum(table[k][j][1] for k, j in enumerate(picks)) == pytest.approx(expected[0])
+
+
+def test_budgets_and_groups_parse():
+    assert parse_budget("4.5bpw") == {"target_bpw": 4.5}
+    assert parse_budget("240MB") == {"target_size": 240_000_000}
+    assert parse_budget("1.5GiB") == {"target_size": 1_610_612_736}
+    assert budget_label(parse_budget("1.5GiB")) == "1536mib" and budget_label(parse_budget("240MB")) == "240mb"
+    for bad in ("0.5bpw", "much", "-3MB"):
+        with pytest.raises(RecipeError):
+            parse_budget(bad)
+    assert [group_of(f"blk.{i}.attn_q.weight", 18) for i in (0, 5, 6, 17)] == ["attn_q[0-5]"] * 2 + ["attn_q[6-11]", "attn_q[12-17]"]
+    assert group_of("token_embd.weight", 18) == "token_embd"
+
+
+def test_auto_respects_the_budget_end_to_end(tiny_model, tmp_path):
+    """Two budgets in one run share one analysis; each file fits its budget, carries the types the
+    manifest lists, and the predicted and measured KLD are recorded; a tighter budget gives a
+    smaller file."""
+    folder = tiny_model("llama")
+    opts = {"calib_samples": 4, "calib_seqlen": 64, "probe_windows": 2}
+    small, large = convert(folder, ["gguf:auto-5bpw", "gguf:auto-7bpw"], tmp_path / "a", verify=False,
+                           recipe_options=opts).artifacts
+    sizes = []
+    for art, bpw in ((small, 5.0), (large, 7.0)):
+        info = art.manifest["details"]["auto"]
+        reader = gguf.GGUFReader(art.main_file)
+        params = sum(int(t.n_elements) for t in reader.tensors)
+        tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+        assert 8 * tensor_bytes / params <= bpw and info["bpw"] == pytest.approx(8 * tensor_bytes / params, abs=1e-3)
+        assert art.main_file.stat().st_size == info["predicted_file_bytes"]
+        assert {t.name: t.tensor_type.name.lower() for t in reader.tensors if t.name in info["types"]} == info["types"]
+        assert len(info["types"]) == 2 * 7 + 2  # every block matrix, the embedding and the head
+        assert np.isfinite(info["predicted_kld"]) and info["measured_kld"] > 0 and info["measured_kld_stderr"] > 0
+        assert set(info["groups"]) >= {"attn_q[0-0]", "ffn_down[1-1]", "token_embd", "output"}
+        assert (art.path / "imatrix.gguf").is_file()
+        sizes.append(art.main_file.stat().st_size)
+        assert reader.fields["general.file_type"].contents() in {int(f) for f in gguf.LlamaFileType}
+    assert sizes[0] < sizes[1]
+    assert len(set(small.manifest["details"]["auto"]["types"].values())) >= 2  # a mix, not one type
+    # the same budget twice gives the same bytes
+    again = convert(folder, ["gguf:auto-5bpw"], tmp_path / "b", verify=False, recipe_options=opts).artifacts[0]
+    assert again.main_file.read_bytes() == small.main_file.read_bytes()
+
+
+def test_auto_refuses_what_it_cannot_do(tiny_model, tmp_path, capsys):
+    folder = tiny_model("llama")
+    assert main(["-q", "convert", str(folder), "--to", "gguf:auto", "-o", str(tmp_path)]) == 2
+    assert "needs one budget" in capsys.readouterr().err
+    assert main(["-q", "convert", str(folder), "--to", "gguf:auto-1bpw", "--calib-samples", "2", "--calib-seqlen", "32",
+                 "--no-verify", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the smallest mix" in err[0]
+    assert not any((tmp_path / "o").glob("*auto*"))
