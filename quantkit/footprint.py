@@ -141,6 +141,8 @@ def _bits(recipe: Recipe) -> tuple[float, float]:
 
 def _artifact_bytes(shape: ModelShape, recipe: Recipe) -> int:
     """Estimated size of the artifact (what its runtime holds during verification)."""
+    if recipe.format == "gguf" and recipe.scheme.startswith("auto-"):  # gguf:auto fills its budget
+        return int(recipe.option("target_size") or recipe.option("target_bpw") * shape.params / 8)
     tables = shape.embedding_params * (1 if shape.tied else 2)  # the embedding and an untied head
     bits, table_bits = _bits(recipe)
     return int((shape.params - tables) * bits / 8 + tables * table_bits / 8)
@@ -208,6 +210,11 @@ def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True,
                                  **_engine(shape, int(recipe.option("calib_samples")), int(recipe.option("calib_seqlen")))}
         phases["quantize"] = {"quantizer": QUANTIZER_BASE_BYTES,
                               "largest_tensor": shape.largest_tensor_stored + 5 * shape.largest_tensor_elements}
+        if recipe.scheme.startswith("auto-"):  # gguf:auto's sensitivity probes: a q8_0 model scored as the profiler does
+            phases["auto_probes"] = {"libraries": LIBRARIES_BYTES, "runtime_weights": int(shape.params * 8.5 / 8),
+                                     "reference_or_compare": max(
+                                         sum(_engine(shape, int(recipe.option("probe_windows")), int(recipe.option("calib_seqlen"))).values()),
+                                         _compare(shape, 0, int(recipe.option("calib_seqlen")), True, llama_windows=2))}
     elif recipe.format == "gptq":
         phases["quantize"] = _gptq_phase(shape, recipe)
     elif recipe.format == "onnx":

@@ -1,6 +1,8 @@
 """The planner: pick the best recipe for one hardware profile.
 
-1. Enumerate candidate recipes across GGUF, GPTQ and ONNX (:data:`CANDIDATES`, one table).
+1. Enumerate candidate recipes across GGUF, GPTQ and ONNX (:data:`CANDIDATES`, one table), and,
+   where q8_0 does not fit the target, ``gguf:auto`` at the most bits per weight that fits
+   (:func:`auto_candidate`: per-tensor types chosen for that size).
 2. Before converting anything, estimate each one's size, fit, compatibility and decode speed on
    the target from the source's shape (the hardware estimates of ``quantkit.hardware``), and drop
    those that cannot fit, cannot run there, or are estimated below ``min_decode_tps``.
@@ -54,6 +56,24 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("onnx:int8-static", 8.0, 32.0, (), ("ai.onnx::QuantizeLinear", "ai.onnx::DequantizeLinear")),
     Candidate("onnx:fp16", 16.0, 16.0, (), ("ai.onnx::MatMul",)),
 )
+
+
+# what a gguf:auto mix may hold: the candidate types and llama.cpp's fallbacks for narrow rows
+AUTO_TENSOR_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q5_1", "iq4_nl")
+
+
+def auto_candidate(shape: dict[str, int], target, static: bool, ctx: int) -> Candidate | None:
+    """``gguf:auto`` sized to ``target``: the most bits per weight, in steps of 0.25 from q8_0's
+    8.5 down to 2.75, whose estimate fits there; None when q8_0 fits (q8_0 is the better choice)
+    or nothing does."""
+    from .hardware.estimate import estimate_target
+
+    for quarter in range(34, 10, -1):
+        bpw = quarter / 4
+        candidate = Candidate(f"gguf:auto-{bpw:g}bpw", bpw, bpw, AUTO_TENSOR_TYPES)
+        if estimate_target(_facts(candidate, shape, static), target, ctx, None)["fits"]:
+            return candidate if quarter < 34 else None
+    return None
 
 
 def _shape(source) -> dict[str, int]:
@@ -149,6 +169,8 @@ def plan(
 
     available = available_memory_bytes()
     considered, queue = [], []
+    if (sized := auto_candidate(shape, target, static, ctx)) is not None:
+        candidates = (*candidates, sized)
     for cand in candidates:
         est = estimate_target(_facts(cand, shape, static), target, ctx, None)
         # converting happens here, on this machine (without verification: the profile measures)

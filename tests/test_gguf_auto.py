@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -94,3 +96,38 @@ def test_auto_refuses_what_it_cannot_do(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the smallest mix" in err[0]
     assert not any((tmp_path / "o").glob("*auto*"))
+
+
+def test_planner_recommends_auto_where_q8_0_does_not_fit(tiny_model, tmp_path):
+    """A board whose memory holds the tiny model at about 6 bits per weight but not at q8_0's 8.5:
+    the planner adds gguf:auto at the most bits that fit, converts it and can recommend it."""
+    import quantkit.api as api
+    from quantkit.hardware import load_profile
+    from quantkit.hardware.estimate import estimate_target
+    from quantkit.plan import CANDIDATES, Candidate, _facts, _shape, auto_candidate, plan
+    from quantkit.source import resolve_source
+
+    folder = tiny_model("llama")
+    shape = _shape(resolve_source(str(folder)))
+    board = tmp_path / "small-board.yaml"
+
+    def write(total: int) -> None:
+        board.write_text(
+            f"name: small-board\nkind: soc\nmemory: {{total_bytes: {total}, bandwidth_bytes_per_s: 1.0e10, reserved_bytes: 0}}\n"
+            "compute: {fp32: 1.0e10}\nruntimes:\n  - {name: llama.cpp, backend: cpu, formats: [gguf], quant_types: null}\n")
+
+    write(10**9)
+    needed = {bpw: estimate_target(_facts(Candidate("gguf:x", bpw, bpw), shape, False), load_profile(str(board)), 128,
+                                   None)["needed_bytes"] for bpw in (6.0, 8.5)}
+    write((needed[6.0] + needed[8.5]) // 2)
+    sized = auto_candidate(shape, load_profile(str(board)), False, 128)
+    assert sized is not None and 6.0 <= sized.bits_per_weight < 8.5
+    # the table's q8_0 and the sized gguf:auto (the others would be estimated faster and win first)
+    result = plan(str(folder), str(board), tmp_path / "plan", max_kld=10.0, ctx=128, convert=api.convert,
+                  profile=api.profile, candidates=tuple(c for c in CANDIDATES if c.recipe == "gguf:q8_0"))
+    statuses = {c["recipe"]: c["status"] for c in result["candidates"]}
+    assert statuses["gguf:q8_0"].startswith("pruned: does not fit") and sized.recipe in statuses
+    auto_row = next(c for c in result["candidates"] if c["recipe"] == sized.recipe)
+    assert auto_row["status"] == "qualifies" and result["recommendation"]["recipe"] == sized.recipe
+    manifest = json.loads((Path(auto_row["artifact"]) / "manifest.json").read_text())
+    assert auto_row["fits"] and manifest["details"]["auto"]["bpw"] <= sized.bits_per_weight

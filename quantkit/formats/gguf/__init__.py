@@ -218,14 +218,22 @@ def _analysis(source: Source, recipe: Recipe, base: Path, imatrix: Path, work: P
     """gguf:auto's per-tensor options and group sensitivities, on ``probe_windows`` of the recipe's
     calibration windows spread over the mix."""
     from ...calibration import source_windows
+    from ...profile.reference import reference_scores
     from ...runtimes.torch import TorchReference
     from .auto import analyse
 
     _, windows, _ = source_windows(source.path, dict(recipe.options))
     n = min(recipe.option("probe_windows"), len(windows))
     probes = [windows[i * len(windows) // n] for i in range(n)]
-    reference = TorchReference(source, threads=threads)
-    return analyse(base, imatrix, lambda w: reference.logits(w), probes, work, threads=threads, progress=progress)
+    models = [TorchReference(source, threads=threads)]  # gone once its top-k scores of the windows are kept
+
+    def task(what: str, total: int):
+        return progress.task(f"gguf:auto reference: {what}", total)
+
+    [reference] = reference_scores(lambda w: models[0].logits(w, task=task), {"probe": probes},
+                                   fingerprint=source.fingerprint, cache_dir=None).values()
+    models.clear()
+    return analyse(base, imatrix, reference, probes, work, threads=threads, progress=progress)
 
 
 def _imatrix(source: Source, recipe: Recipe, path: Path, progress: Progress) -> tuple[Path, dict]:

@@ -266,7 +266,7 @@ def _is_quantized(kind: gguf.GGMLQuantizationType) -> bool:
 def analyse(
     base: Path,
     imatrix: Path,
-    reference_logits: Callable[[Sequence[list[int]]], Any],
+    reference: Any,
     windows: list[list[int]],
     work: Path,
     *,
@@ -274,8 +274,8 @@ def analyse(
     progress: Progress | None = None,
 ) -> Analysis:
     """Steps 1 and 2 (module docstring) for the lossless GGUF ``base``, quantized with the GGUF
-    ``imatrix``; sensitivities on ``windows`` against ``reference_logits`` (the float model's)."""
-    from ...profile.reference import reference_scores
+    ``imatrix``; sensitivities on ``windows`` against ``reference``, the float model's
+    ``ReferenceScores`` of them."""
     from .imatrix import ImportanceMatrix
 
     progress = progress or Progress(False)
@@ -323,15 +323,15 @@ def analyse(
     for t in tensors:
         groups.setdefault(t.group, []).append(t)
 
-    [ref] = reference_scores(reference_logits, {"probe": windows}, fingerprint="", cache_dir=None).values()
-    base_kld = token_kld(base_file, windows, ref, threads)
-    analysis = Analysis(tensors, fixed_file_bytes, fixed_tensor_bytes, n_params, float(base_kld.mean()), windows, ref)
+    base_kld = token_kld(base_file, windows, reference, threads)
+    analysis = Analysis(tensors, fixed_file_bytes, fixed_tensor_bytes, n_params, float(base_kld.mean()), windows,
+                        reference)
     probe_file = work / "auto-probe.gguf"
     with progress.task("gguf:auto: sensitivity of each tensor group", len(groups)) as advance:
         for group, members in groups.items():
             overrides = [(f"^{re.escape(t.name)}$", PROBE_TYPE) for t in members]
             quantize_gguf(base, probe_file, "q8_0", threads=threads, imatrix=imatrix, overrides=overrides, pure=True)
-            diff = token_kld(probe_file, windows, ref, threads) - base_kld
+            diff = token_kld(probe_file, windows, reference, threads) - base_kld
             probe_file.unlink()
             delta = float(diff.mean())
             stderr = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else 0.0
