@@ -90,6 +90,10 @@ def convert_table(result) -> None:
             quality = f"cosine {v['cosine_mean']:.5f} (min {v['cosine_min']:.5f})"
         else:
             quality = "-"
+        if auto := a.manifest["details"].get("auto"):  # gguf:auto: its mix and KLD on its probe windows
+            mix = ", ".join(f"{n} {t}" for t, n in auto["type_counts"].items())
+            quality = (f"{quality}; " if quality != "-" else "") + (
+                f"mix {mix} ({auto['bpw']:.2f} bpw): probe KLD {auto['measured_kld']:.4f}, predicted {auto['predicted_kld']:.4f}")
         rows.append([a.recipe, str(a.main_file), _size(a.file_bytes), tok, quality])
     print_table(f"quantkit convert: {result.source['id']}",
                 [("recipe", ID), ("file", ID), ("size", NUM), ("tokenization", TEXT), ("vs source", TEXT)], rows, out)
