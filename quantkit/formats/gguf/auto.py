@@ -24,6 +24,7 @@ recipes of several sizes.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ CANDIDATE_TYPES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
 BASE_TYPE = "q8_0"  # the near-lossless model each group is moved down from
 PROBE_TYPE = "q3_k"  # where a group is moved to when its sensitivity is measured
 LAYER_RANGES = 3  # layer ranges per tensor role
-ERROR_ROWS = 2048  # rows per tensor the weighted error is computed on
+ERROR_ROWS = 2048  # rows per tensor the weighted error is computed on, in ERROR_BANDS evenly spaced bands
+ERROR_BANDS = 16
 KNAPSACK_STEPS = 100_000  # the byte budget's resolution
 # llama.cpp's fallback when a row does not divide into a type's blocks (llama-quant.cpp,
 # tensor_type_fallback): used only to refuse an impossible budget before any work
@@ -246,21 +248,89 @@ def _smallest_tensors(reader: gguf.GGUFReader) -> int:
     return total
 
 
-def _weighted_error(original: Any, quantized: Any, weights: np.ndarray | None) -> float:
-    """sum_j weights_j sum_i (w_ij - q_ij)^2 of one tensor, from an even sample of its rows."""
+def _sample_rows(fd: int, tensor: Any) -> np.ndarray:
+    """Up to ERROR_ROWS rows of a GGUF tensor as dequantized float32, read with ``pread`` in
+    ERROR_BANDS evenly spaced bands (a memory map would keep every page around a touched row
+    resident: the whole model, over the candidate files)."""
     from gguf.quants import dequantize
 
-    rows = int(np.prod(original.data.shape[:-1]))
-    pick = np.unique(np.linspace(0, rows - 1, min(rows, ERROR_ROWS)).round().astype(np.int64))
-    w = dequantize(np.asarray(original.data.reshape(rows, -1)[pick]), original.tensor_type)
-    q = dequantize(np.asarray(quantized.data.reshape(rows, -1)[pick]), quantized.tensor_type)
-    col = ((w.astype(np.float64) - q.astype(np.float64)) ** 2).sum(0)
+    rows = int(tensor.n_elements) // int(tensor.shape[0])
+    row_bytes = int(tensor.n_bytes) // rows
+    if rows <= ERROR_ROWS:
+        spans = [(0, rows)]
+    else:
+        band = ERROR_ROWS // ERROR_BANDS
+        spans = [(k * (rows - band) // (ERROR_BANDS - 1), band) for k in range(ERROR_BANDS)]
+    data = b"".join(os.pread(fd, n * row_bytes, int(tensor.data_offset) + start * row_bytes) for start, n in spans)
+    return dequantize(np.frombuffer(data, dtype=np.uint8).reshape(-1, row_bytes), tensor.tensor_type)
+
+
+def _weighted_error(original: np.ndarray, quantized: np.ndarray, rows: int, weights: np.ndarray | None) -> float:
+    """sum_j weights_j sum_i (w_ij - q_ij)^2 of a tensor of ``rows`` rows, from the same sample
+    of rows of the original and the quantized tensor."""
+    col = ((original - quantized) ** 2).sum(0, dtype=np.float64)
     total = float(col @ weights) if weights is not None and weights.size == col.size else float(col.sum())
-    return total * rows / len(pick)
+    return total * rows / original.shape[0]
+
+
+class _closing:
+    """Closes a file descriptor on leaving."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def _is_quantized(kind: gguf.GGMLQuantizationType) -> bool:
     return kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+def _options(base: Path, imatrix: Path, originals: Mapping[str, Any], base_fd: int, means: Mapping[str, np.ndarray],
+             total: int, work: Path, threads: int | None, progress: Progress
+             ) -> tuple[dict[str, dict[str, Option]], dict[str, str], int, int]:
+    """Step 1: every quantizable tensor's options (type, bytes, weighted error), the type each got
+    in PROBE_TYPE, and the tensor and file bytes no choice changes. The BASE_TYPE file stays in
+    ``work`` (the probes' reference point); the others go once read."""
+    base_file = work / f"auto-{BASE_TYPE}.gguf"
+    options: dict[str, dict[str, Option]] = {}
+    probe_types: dict[str, str] = {}
+    fixed_tensor_bytes = 0
+    for kind in (BASE_TYPE, *(k for k in CANDIDATE_TYPES if k != BASE_TYPE)):
+        path = base_file if kind == BASE_TYPE else work / f"auto-{kind}.gguf"
+        with progress.task(f"gguf:auto: every tensor in {kind}", total) as advance:
+            quantize_gguf(base, path, "q8_0", threads=threads, advance=advance, imatrix=imatrix, overrides=[(".", kind)],
+                          pure=True)
+        reader = gguf.GGUFReader(path)
+        fd = os.open(path, os.O_RDONLY)
+        with progress.task(f"gguf:auto: weighted errors in {kind}", total) as advance, _closing(fd):
+            for t in reader.tensors:
+                advance(1)
+                if kind == BASE_TYPE:
+                    if not _is_quantized(t.tensor_type):
+                        fixed_tensor_bytes += int(t.n_bytes)
+                        continue
+                    options[t.name] = {}
+                elif t.name not in options:
+                    continue
+                actual = t.tensor_type.name.lower()
+                if kind == PROBE_TYPE:
+                    probe_types[t.name] = actual
+                if actual not in options[t.name]:
+                    rows = int(t.n_elements) // int(t.shape[0])
+                    error = _weighted_error(_sample_rows(base_fd, originals[t.name]), _sample_rows(fd, t), rows,
+                                            means.get(t.name))
+                    options[t.name][actual] = Option(actual, int(t.n_bytes), error)
+        if kind == BASE_TYPE:
+            fixed_file_bytes = path.stat().st_size - sum(o[BASE_TYPE].nbytes for o in options.values())
+        else:
+            del reader
+            path.unlink()
+    return options, probe_types, fixed_tensor_bytes, fixed_file_bytes
 
 
 def analyse(
@@ -284,37 +354,11 @@ def analyse(
     originals = {t.name: t for t in original.tensors}
     n_params = sum(int(t.n_elements) for t in original.tensors)
     total = len(original.tensors)
+    with _closing(os.open(base, os.O_RDONLY)) as base_fd:
+        options, probe_types, fixed_tensor_bytes, fixed_file_bytes = _options(base, imatrix, originals, base_fd, means,
+                                                                              total, work, threads, progress)
+    del originals, original  # the intermediate's map
     base_file = work / f"auto-{BASE_TYPE}.gguf"
-    options: dict[str, dict[str, Option]] = {}
-    probe_types: dict[str, str] = {}
-    fixed_tensor_bytes = 0
-    for kind in (BASE_TYPE, *(k for k in CANDIDATE_TYPES if k != BASE_TYPE)):
-        path = base_file if kind == BASE_TYPE else work / f"auto-{kind}.gguf"
-        with progress.task(f"gguf:auto: every tensor in {kind}", total) as advance:
-            quantize_gguf(base, path, "q8_0", threads=threads, advance=advance, imatrix=imatrix, overrides=[(".", kind)],
-                          pure=True)
-        reader = gguf.GGUFReader(path)
-        with progress.task(f"gguf:auto: weighted errors in {kind}", total) as advance:
-            for t in reader.tensors:
-                advance(1)
-                if kind == BASE_TYPE:
-                    if not _is_quantized(t.tensor_type):
-                        fixed_tensor_bytes += int(t.n_bytes)
-                        continue
-                    options[t.name] = {}
-                elif t.name not in options:
-                    continue
-                actual = t.tensor_type.name.lower()
-                if kind == PROBE_TYPE:
-                    probe_types[t.name] = actual
-                if actual not in options[t.name]:
-                    options[t.name][actual] = Option(actual, int(t.n_bytes),
-                                                     _weighted_error(originals[t.name], t, means.get(t.name)))
-        if kind == BASE_TYPE:
-            fixed_file_bytes = path.stat().st_size - sum(o[BASE_TYPE].nbytes for o in options.values())
-        else:
-            del reader
-            path.unlink()
     names = list(options)
     n_layers = 1 + max((int(m[1]) for n in names if (m := re.match(r"^blk\.(\d+)\.", n))), default=0)
     tensors = [Tensor(n, group_of(n, n_layers), dict(sorted(options[n].items(), key=lambda kv: (kv[1].nbytes, kv[0]))))
