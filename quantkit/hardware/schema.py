@@ -106,6 +106,8 @@ class HardwareProfile(_Strict):
     kind: Literal["cpu", "gpu", "npu", "soc"]
     description: str = ""
     memory: Memory
+    host_memory: Memory | None = Field(
+        default=None, description="gpu/npu: the system RAM beside the accelerator, which holds the layers not offloaded")
     compute: dict[Literal["fp32", "fp16", "bf16", "int8", "int4"], float] = Field(
         min_length=1, description="dense peak operations per second by data type"
     )

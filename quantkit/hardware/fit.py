@@ -1,0 +1,212 @@
+"""Fit a GGUF artifact to a target: how many layers go to the GPU, which KV cache type, and the
+largest context that fits with a margin, from the GGUF's own tensor bytes (its header only).
+
+llama.cpp's ``-ngl N`` puts the output layer on the GPU first, then the last N-1 blocks
+(``i_gpu_start = n_layer + 1 - N`` in ``llama-model.cpp``); the token embedding is looked up on
+the CPU. A GPU or NPU target holds the offloaded layers, their KV cache and a compute buffer in
+its own memory, and the rest in the host RAM beside it (``host_memory`` of the profile, when it
+says); a CPU or a unified-memory SoC holds everything in one pool, offloading every layer when
+its llama.cpp backend is a GPU one (Metal, CUDA on Jetson).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .estimate import DEFAULT_EFFICIENCY
+from .schema import HardwareProfile
+
+__all__ = ["GGUFLayout", "fit_gguf", "KV_TYPES"]
+
+#: KV cache element bytes; a quantized V cache needs flash attention (``-fa on``)
+KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32}
+UBATCH = 512  # llama.cpp's default physical batch
+MARGIN_FRACTION, MARGIN_MIN = 0.05, 256 * 2**20  # kept free on each pool
+CTX_STEP = 256
+
+
+@dataclass
+class GGUFLayout:
+    """What the fit needs from a GGUF header."""
+
+    layer_bytes: list[int]  # blk.N.* tensors, per block
+    input_bytes: int  # token embedding and what else is not in a block or the output layer
+    output_bytes: int  # output norm and head (the embedding again when the head is tied)
+    n_layers: int
+    n_head: int
+    n_head_kv: int
+    k_dim: int
+    v_dim: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    swa_layers: frozenset[int]  # blocks whose cache holds only the sliding window
+    n_swa: int
+
+    @classmethod
+    def of(cls, path: Path) -> GGUFLayout:
+        from ..formats.gguf.header import read_header
+
+        header = read_header(path)
+        arch = header.fields["general.architecture"]
+
+        def hp(key: str, default: Any = None) -> Any:
+            return header.fields.get(f"{arch}.{key}", default)
+
+        n_layers = int(hp("block_count"))
+        layers = [0] * n_layers
+        sizes = {t.name: int(t.n_bytes) for t in header.tensors}
+        in_file = 0  # the output layer's tensors in the file
+        for name, n in sizes.items():
+            if m := re.match(r"^blk\.(\d+)\.", name):
+                layers[int(m[1])] += n
+            elif name.startswith("output"):
+                in_file += n
+        # tied: llama.cpp loads the embedding a second time as the head
+        output = in_file + (0 if "output.weight" in sizes else sizes.get("token_embd.weight", 0))
+        n_embd, n_head = int(hp("embedding_length")), int(hp("attention.head_count"))
+        n_head_kv = hp("attention.head_count_kv", n_head)
+        n_head_kv = max(n_head_kv) if isinstance(n_head_kv, list) else int(n_head_kv)
+        n_swa = int(hp("attention.sliding_window", 0) or 0)
+        pattern = hp("attention.sliding_window_pattern")
+        if n_swa and isinstance(pattern, list):
+            swa = frozenset(i for i, on in enumerate(pattern) if on)
+        elif n_swa and arch == "gemma3":  # five sliding-window blocks, then one global (llama.cpp's default)
+            swa = frozenset(i for i in range(n_layers) if (i + 1) % 6)
+        else:
+            swa = frozenset()
+        ff = hp("feed_forward_length", 4 * n_embd)
+        return cls(
+            layer_bytes=layers, input_bytes=sum(sizes.values()) - sum(layers) - in_file, output_bytes=output, n_layers=n_layers, n_head=n_head, n_head_kv=n_head_kv,
+            k_dim=int(hp("attention.key_length", n_embd // n_head)), v_dim=int(hp("attention.value_length", n_embd // n_head)),
+            n_embd=n_embd, n_ff=int(max(ff) if isinstance(ff, list) else ff),
+            n_vocab=len(header.fields["tokenizer.ggml.tokens"]), n_ctx_train=int(hp("context_length", 0) or 4096),
+            swa_layers=swa, n_swa=n_swa)
+
+    def kv_bytes(self, layers: range | list[int], ctx: int, kv_type: str) -> int:
+        """KV cache of ``layers`` at ``ctx`` tokens (a sliding-window block caches its window and
+        one batch, as llama.cpp's default non-full SWA cache)."""
+        per_token = self.n_head_kv * (self.k_dim + self.v_dim) * KV_TYPES[kv_type]
+        return int(sum(per_token * (min(ctx, self.n_swa + UBATCH) if i in self.swa_layers else ctx) for i in layers))
+
+    def compute_bytes(self, ctx: int, with_output: bool) -> int:
+        """A compute buffer for one batch of UBATCH tokens: activations and, where the output
+        layer runs, the logits of the batch (flash attention: no full score matrix)."""
+        ubatch = min(UBATCH, ctx)
+        return ubatch * (self.n_ff + 6 * self.n_embd) * 4 + (ubatch * self.n_vocab * 4 if with_output else self.n_vocab * 4)
+
+
+def _margin(usable: int) -> int:
+    return max(MARGIN_MIN, int(usable * MARGIN_FRACTION))
+
+
+def _split(layout: GGUFLayout, ngl: int, ctx: int, kv_type: str) -> tuple[int, int]:
+    """(device bytes, host bytes) with ``ngl`` layers offloaded (the output layer first)."""
+    output_on_gpu = ngl >= 1
+    blocks_on_gpu = max(0, ngl - 1)
+    gpu_layers = range(layout.n_layers - blocks_on_gpu, layout.n_layers)
+    cpu_layers = range(0, layout.n_layers - blocks_on_gpu)
+    device = (sum(layout.layer_bytes[i] for i in gpu_layers) + layout.kv_bytes(gpu_layers, ctx, kv_type)
+              + (layout.output_bytes if output_on_gpu else 0))
+    if ngl:
+        device += layout.compute_bytes(ctx, output_on_gpu)
+    host = (layout.input_bytes + sum(layout.layer_bytes[i] for i in cpu_layers) + layout.kv_bytes(cpu_layers, ctx, kv_type)
+            + (0 if output_on_gpu else layout.output_bytes) + layout.compute_bytes(ctx, not output_on_gpu))
+    return device, host
+
+
+def _pools(profile: HardwareProfile) -> tuple[int | None, int | None, bool]:
+    """(device usable, host usable, separate pools): a GPU/NPU has its own memory and the host's
+    RAM (unknown when the profile does not give it); a CPU or SoC one pool."""
+    usable = profile.memory.total_bytes - profile.memory.reserved_bytes
+    if profile.kind in ("gpu", "npu"):
+        host = profile.host_memory
+        return usable, (host.total_bytes - host.reserved_bytes) if host else None, True
+    return usable, None, False
+
+
+def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, estimate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The split of the GGUF at ``path`` on ``profile``: ``n_gpu_layers``, ``kv_type``, the
+    context (``ctx`` when asked, else the largest that fits, up to the training context) and the
+    bytes on each pool; speeds estimated from ``estimate`` (the target's estimate for the whole
+    model on its accelerator) when given. An artifact that does not fit even on the CPU alone is
+    an InputError naming what is missing."""
+    layout = GGUFLayout.of(path)
+    llama = next((r for r in profile.runtimes if r.name == "llama.cpp" and "gguf" in r.formats), None)
+    if llama is None:
+        raise InputError(f"{profile.name}: no llama.cpp runtime in the profile to run a GGUF")
+    device_usable, host_usable, separate = _pools(profile)
+    offloads = llama.backend != "cpu"
+    top = layout.n_layers + 1 if offloads else 0
+    want = min(ctx or 4096, layout.n_ctx_train)
+
+    def fits(ngl: int, n_ctx: int, kv_type: str) -> bool:
+        device, host = _split(layout, ngl, n_ctx, kv_type)
+        if not separate:  # one pool holds both
+            return device + host + _margin(device_usable) <= device_usable
+        ok = device + _margin(device_usable) <= device_usable if ngl else True
+        return ok and (host_usable is None or host + _margin(host_usable) <= host_usable)
+
+    best = None
+    for kv_type in KV_TYPES:
+        ngl = next((n for n in range(top, -1, -1) if fits(n, want, kv_type)), None)
+        if ngl is not None and (best is None or ngl > best[0]):
+            best = (ngl, kv_type)
+        if best and best[0] == top:
+            break
+    if best is None:
+        device, host = _split(layout, 0, want, "q8_0")
+        pool = host_usable if separate else device_usable
+        missing = (host if separate else device + host) + _margin(pool or 0) - (pool or 0)
+        raise InputError(f"{path.name} does not fit {profile.name} even with no layer offloaded at a {want}-token context: "
+                         f"{(host if separate else device + host) / 1e9:.2f} GB needed, {(pool or 0) / 1e9:.2f} GB usable "
+                         f"({missing / 1e9:.2f} GB missing)")
+    ngl, kv_type = best
+    if ctx:
+        n_ctx = want
+    else:  # the largest context at this split, in steps of CTX_STEP
+        lo, hi = want, layout.n_ctx_train
+        while lo < hi:
+            mid = min(hi, math.ceil((lo + hi + 1) / 2 / CTX_STEP) * CTX_STEP)
+            if mid <= lo:
+                break
+            lo, hi = (mid, hi) if fits(ngl, mid, kv_type) else (lo, mid - 1)
+        n_ctx = lo
+    device, host = _split(layout, ngl, n_ctx, kv_type)
+    result: dict[str, Any] = {
+        "profile": profile.name, "backend": llama.backend, "n_gpu_layers": ngl, "n_layers": layout.n_layers,
+        "output_on_gpu": ngl >= 1, "all_layers_on_gpu": offloads and ngl == top, "kv_type": kv_type,
+        "flash_attention": kv_type != "f16", "ctx": n_ctx, "n_ctx_train": layout.n_ctx_train,
+        "device_bytes": device if separate else None, "host_bytes": host if separate else device + host,
+        "device_usable_bytes": device_usable if separate else None,
+        "host_usable_bytes": host_usable if separate else device_usable,
+        "host_memory_checked": (host_usable is not None) or not separate, "margin": f"{MARGIN_FRACTION:.0%}, at least {MARGIN_MIN >> 20} MiB per pool",
+        "estimated": True,
+    }
+    if estimate and estimate.get("decode_tokens_per_s"):
+        result.update(_speeds(layout, ngl, offloads, profile, estimate))
+    return result
+
+
+def _speeds(layout: GGUFLayout, ngl: int, offloads: bool, profile: HardwareProfile, estimate: dict[str, Any]) -> dict[str, Any]:
+    """Decode and prefill of the split: the offloaded share at the target's whole-model estimate,
+    the rest at the host's bandwidth with the default efficiency (labelled so)."""
+    blocks = max(0, ngl - 1) if offloads else 0
+    on_device = sum(layout.layer_bytes[layout.n_layers - blocks:]) + (layout.output_bytes if offloads and ngl else 0)
+    total = sum(layout.layer_bytes) + layout.output_bytes
+    share = on_device / max(1, total)
+    seconds = share / estimate["decode_tokens_per_s"]
+    host_bw = profile.host_memory.bandwidth_bytes_per_s if profile.host_memory else None
+    how = f"{share:.0%} of the weights on the {profile.kind} at its estimate"
+    if share < 1:
+        if not host_bw:
+            return {"decode_tokens_per_s": None, "speed_note": "host bandwidth unknown: the CPU share cannot be estimated"}
+        seconds += (total - on_device) / (host_bw * DEFAULT_EFFICIENCY["decode"])
+        how += f", the rest at the host's {host_bw / 1e9:.0f} GB/s x {DEFAULT_EFFICIENCY['decode']} (default efficiency)"
+    return {"decode_tokens_per_s": 1.0 / seconds, "speed_note": how}
