@@ -71,6 +71,18 @@ def return_freed_memory() -> None:
         pass
 
 
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (``malloc_trim``; a no-op where libc is not
+    glibc): after a pass of the engine whose buffers the process no longer needs."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def parameters_on_meta():
     """Build modules with their parameters on the meta device and their buffers real (rotary

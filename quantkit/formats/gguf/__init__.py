@@ -219,6 +219,7 @@ def _analysis(source: Source, recipe: Recipe, base: Path, imatrix: Path, work: P
     calibration windows spread over the mix."""
     from ...calibration import source_windows
     from ...profile.reference import reference_scores
+    from ...runtimes.stream import trim_heap
     from ...runtimes.torch import TorchReference
     from .auto import analyse
 
@@ -233,6 +234,7 @@ def _analysis(source: Source, recipe: Recipe, base: Path, imatrix: Path, work: P
     [reference] = reference_scores(lambda w: models[0].logits(w, task=task), {"probe": probes},
                                    fingerprint=source.fingerprint, cache_dir=None).values()
     models.clear()
+    trim_heap()
     return analyse(base, imatrix, reference, probes, work, threads=threads, progress=progress)
 
 
