@@ -11,7 +11,6 @@ its llama.cpp backend is a GPU one (Metal, CUDA on Jetson).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,13 +152,21 @@ def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, es
         ok = device + _margin(device_usable) <= device_usable if ngl else True
         return ok and (host_usable is None or host + _margin(host_usable) <= host_usable)
 
-    best = None
-    for kv_type in KV_TYPES:
-        ngl = next((n for n in range(top, -1, -1) if fits(n, want, kv_type)), None)
-        if ngl is not None and (best is None or ngl > best[0]):
-            best = (ngl, kv_type)
-        if best and best[0] == top:
-            break
+    def best_at(n_ctx: int) -> tuple[int, str] | None:
+        """The most layers offloaded at ``n_ctx`` tokens, an f16 cache first."""
+        best = None
+        for kv_type in KV_TYPES:
+            ngl = next((n for n in range(top, -1, -1) if fits(n, n_ctx, kv_type)), None)
+            if ngl is not None and (best is None or ngl > best[0]):
+                best = (ngl, kv_type)
+            if best and best[0] == top:
+                break
+        return best
+
+    best = best_at(want)
+    while best is None and not ctx and want > CTX_STEP:  # no context asked: settle for a shorter one
+        want = max(CTX_STEP, want // 2)
+        best = best_at(want)
     if best is None:
         device, host = _split(layout, 0, want, "q8_0")
         pool = host_usable if separate else device_usable
@@ -170,14 +177,13 @@ def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, es
     ngl, kv_type = best
     if ctx:
         n_ctx = want
-    else:  # the largest context at this split, in steps of CTX_STEP
-        lo, hi = want, layout.n_ctx_train
+    else:  # the largest context at this split: a multiple of CTX_STEP, or the training context
+        steps = sorted({*range(want, layout.n_ctx_train, CTX_STEP), layout.n_ctx_train})
+        lo, hi = 0, len(steps) - 1  # steps[lo] fits (it is ``want``)
         while lo < hi:
-            mid = min(hi, math.ceil((lo + hi + 1) / 2 / CTX_STEP) * CTX_STEP)
-            if mid <= lo:
-                break
-            lo, hi = (mid, hi) if fits(ngl, mid, kv_type) else (lo, mid - 1)
-        n_ctx = lo
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(ngl, steps[mid], kv_type) else (lo, mid - 1)
+        n_ctx = steps[lo]
     device, host = _split(layout, ngl, n_ctx, kv_type)
     result: dict[str, Any] = {
         "profile": profile.name, "backend": llama.backend, "n_gpu_layers": ngl, "n_layers": layout.n_layers,

@@ -135,12 +135,13 @@ def profile_artifact(
             host["decode_roofline_fraction"] = lat["decode_tokens_per_s"]["median"] / roofline
     report["memory"] = memory
     if targets:
-        report["targets"] = _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration)
+        report["targets"] = _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration, main)
     return report
 
 
-def _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration) -> list[dict[str, Any]]:
-    """Estimates for each hardware profile; the host's also carries its measurements."""
+def _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration, main) -> list[dict[str, Any]]:
+    """Estimates for each hardware profile; the host's also carries its measurements; a GGUF's
+    the split that fits there (``fit``: GPU layers, KV cache type, largest context)."""
     from ..hardware import HOST, host_profile
     from ..hardware.estimate import artifact_facts, calibrate, estimate_target
 
@@ -163,6 +164,13 @@ def _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration) ->
             estimate["estimate_error_pct"] = {
                 k: 100.0 * (estimate[k] - v) / v for k, v in measured.items()
             }
+        if fmt == "gguf" and estimate["compatible"]:
+            from ..hardware.fit import fit_gguf
+
+            try:
+                estimate["fit"] = fit_gguf(main, profile, estimate=estimate)
+            except InputError as exc:
+                estimate["fit"] = {"error": str(exc)}
         out.append(estimate)
     return out
 

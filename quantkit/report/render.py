@@ -126,6 +126,21 @@ def _rate(x: float | None) -> str:
     return "-" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
 
 
+def fit_text(fit: dict) -> str:
+    """One line for a GGUF's fitted split (``quantkit.hardware.fit``)."""
+    if "error" in fit:
+        return fit["error"]
+    ngl, n = fit["n_gpu_layers"], fit["n_layers"]
+    where = ("all on the CPU" if ngl == 0 else "all layers offloaded" if fit["all_layers_on_gpu"]
+             else f"output layer and {ngl - 1} of {n} blocks offloaded")
+    pools = (f"{fit['device_bytes'] / 1e9:.2f} of {fit['device_usable_bytes'] / 1e9:.2f} GB on the device, "
+             if fit["device_bytes"] is not None else "")
+    host = f"{fit['host_bytes'] / 1e9:.2f}" + (f" of {fit['host_usable_bytes'] / 1e9:.2f}" if fit["host_usable_bytes"] else " (host RAM not in the profile)")
+    speed = f"; decode {fit['decode_tokens_per_s']:.1f} tok/s" if fit.get("decode_tokens_per_s") else ""
+    return (f"-ngl {ngl} ({where}), KV {fit['kv_type']}" + (" with -fa on" if fit["flash_attention"] else "")
+            + f", -c {fit['ctx']:,} (largest that fits, training context {fit['n_ctx_train']:,}); {pools}{host} GB in RAM{speed} (estimated)")
+
+
 def targets_table(report: dict) -> None:
     """Fits / compatible / estimated speed per hardware profile (measured where the host ran it),
     then each target's reasons, runtime and compiler command."""
@@ -157,6 +172,8 @@ def targets_table(report: dict) -> None:
                 out.print(f"  note: {e['runtime_note']}", highlight=False, soft_wrap=True)
             if "compile_command" in e:
                 out.print(f"  compile: {e['compile_command']}", highlight=False, soft_wrap=True)
+            if "fit" in e:
+                out.print(f"  fit: {fit_text(e['fit'])}", highlight=False, soft_wrap=True)
         else:
             out.print(f"[bold]{e['name']}[/bold]: incompatible", highlight=False)
             for reason in e["reasons"]:
