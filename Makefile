@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/host_estimate.py
 	$(BIN)/python benchmarks/quality_intervals.py
 	$(BIN)/python benchmarks/published_speeds.py
+	$(BIN)/python benchmarks/target_fit.py
 	# builds llama.cpp's llama-imatrix and llama-quantize from the sdist (about 5 minutes, once)
 	$(BIN)/python benchmarks/gguf_quality.py
 	# GPTQModel in an environment of its own (.bench-envs/, torch 2.14.1): never in bench-quick
@@ -65,6 +66,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/gemma_recipes.py --quick
 	$(BIN)/python benchmarks/quality_intervals.py --quick
 	$(BIN)/python benchmarks/published_speeds.py
+	$(BIN)/python benchmarks/target_fit.py
 
 # the untrusted-input readers' property tests with 2,000 random mutations each (about a minute)
 fuzz: $(STAMP)

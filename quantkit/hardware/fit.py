@@ -196,7 +196,10 @@ def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, es
         "estimated": True,
     }
     if estimate and estimate.get("decode_tokens_per_s"):
-        result.update(_speeds(layout, ngl, offloads, profile, estimate))
+        if separate:
+            result.update(_speeds(layout, ngl, offloads, profile, estimate))
+        else:  # one pool: the whole model runs where the target's estimate puts it
+            result.update(decode_tokens_per_s=estimate["decode_tokens_per_s"], speed_note="the target's estimate")
     return result
 
 

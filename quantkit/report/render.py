@@ -126,7 +126,7 @@ def _rate(x: float | None) -> str:
     return "-" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
 
 
-def fit_text(fit: dict) -> str:
+def fit_text(fit: dict, speed: bool = True) -> str:
     """One line for a GGUF's fitted split (``quantkit.hardware.fit``)."""
     if "error" in fit:
         return fit["error"]
@@ -136,7 +136,7 @@ def fit_text(fit: dict) -> str:
     pools = (f"{fit['device_bytes'] / 1e9:.2f} of {fit['device_usable_bytes'] / 1e9:.2f} GB on the device, "
              if fit["device_bytes"] is not None else "")
     host = f"{fit['host_bytes'] / 1e9:.2f}" + (f" of {fit['host_usable_bytes'] / 1e9:.2f}" if fit["host_usable_bytes"] else " (host RAM not in the profile)")
-    speed = f"; decode {fit['decode_tokens_per_s']:.1f} tok/s" if fit.get("decode_tokens_per_s") else ""
+    speed = f"; decode {fit['decode_tokens_per_s']:.1f} tok/s" if speed and fit.get("decode_tokens_per_s") else ""
     return (f"-ngl {ngl} ({where}), KV {fit['kv_type']}" + (" with -fa on" if fit["flash_attention"] else "")
             + f", -c {fit['ctx']:,} (largest that fits, training context {fit['n_ctx_train']:,}); {pools}{host} GB in RAM{speed} (estimated)")
 

@@ -1,0 +1,145 @@
+"""GGUF artifacts fitted to the shipped hardware profiles: GPU layers, KV cache type, the largest
+context and the estimated decode speed, for Gemma 3 270M q4_k_m (converted here) and for a
+Llama-3.1-8B-shaped q4_k_m (a GGUF header written here, its data a sparse hole: the fit and the
+estimates read only tensor sizes).
+
+    python benchmarks/target_fit.py
+
+No model is run (seconds). The 8B header's tensor types follow llama.cpp's q4_k_m mix
+(``llama-quant.cpp``: q6_k for the head, and for attn_v and ffn_down on the first and last
+eighth of the blocks and every third between; q4_k elsewhere); its size is compared with the
+published Llama-3.1-8B Q4_K_M file. Writes benchmarks/results/target_fit.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+from _measure import cached_embedded_artifact, markdown_table, write_results  # noqa: E402
+
+NAME = "target_fit"
+PROFILES = ("laptop-x86-8gb", "laptop-x86-16gb", "raspberry-pi-5-8gb", "apple-m2-16gb", "jetson-orin-nano-8gb",
+            "rtx-4060-8gb", "rtx-4090-24gb", "ascend-910b", "ascend-310p")
+# Llama 3.1 8B (config.json of meta-llama/Llama-3.1-8B) and the published size of its Q4_K_M GGUF
+# (the file behind laptop-x86-8gb's measurement, profiles/laptop-x86-8gb.yaml)
+LLAMA_8B = {"n_layers": 32, "n_embd": 4096, "n_head": 32, "n_head_kv": 8, "n_ff": 14336, "n_vocab": 128256,
+            "n_ctx_train": 131072}
+PUBLISHED_8B_Q4_K_M_BYTES = 4_917_737_554
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth, and every third block between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def llama_8b_q4_k_m(path: Path) -> int:
+    """A Llama-3.1-8B-shaped q4_k_m GGUF: header and tensor table as llama.cpp writes them, the
+    data region a sparse hole. Returns the file size."""
+    s = LLAMA_8B
+    q4k, q6k, f32 = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.F32
+    head_dim = s["n_embd"] // s["n_head"]
+    kv = s["n_head_kv"] * head_dim
+    tensors = [("token_embd.weight", (s["n_vocab"], s["n_embd"]), q4k)]
+    for i in range(s["n_layers"]):
+        more = q6k if _more_bits(i, s["n_layers"]) else q4k
+        tensors += [(f"blk.{i}.attn_norm.weight", (s["n_embd"],), f32), (f"blk.{i}.ffn_norm.weight", (s["n_embd"],), f32),
+                    (f"blk.{i}.attn_q.weight", (s["n_embd"], s["n_embd"]), q4k), (f"blk.{i}.attn_k.weight", (kv, s["n_embd"]), q4k),
+                    (f"blk.{i}.attn_v.weight", (kv, s["n_embd"]), more), (f"blk.{i}.attn_output.weight", (s["n_embd"], s["n_embd"]), q4k),
+                    (f"blk.{i}.ffn_gate.weight", (s["n_ff"], s["n_embd"]), q4k), (f"blk.{i}.ffn_up.weight", (s["n_ff"], s["n_embd"]), q4k),
+                    (f"blk.{i}.ffn_down.weight", (s["n_embd"], s["n_ff"]), more)]
+    tensors += [("output_norm.weight", (s["n_embd"],), f32), ("output.weight", (s["n_vocab"], s["n_embd"]), q6k),
+                ("rope_freqs.weight", (head_dim // 2,), f32)]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(s["n_layers"])
+    writer.add_embedding_length(s["n_embd"])
+    writer.add_feed_forward_length(s["n_ff"])
+    writer.add_head_count(s["n_head"])
+    writer.add_head_count_kv(s["n_head_kv"])
+    writer.add_context_length(s["n_ctx_train"])
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_K_M))
+    writer.add_token_list([f"<t{i}>" for i in range(s["n_vocab"])])
+    for name, shape, kind in tensors:
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        nbytes = int(np.prod(shape)) // block * size
+        if kind == f32:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=kind)
+        else:  # the writer takes a quantized tensor's shape in bytes per row
+            writer.add_tensor_info(name, (*shape[:-1], shape[-1] // block * size), np.dtype(np.uint8), nbytes, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    data_start = writer.fout[0].tell()
+    writer.close()
+    total = data_start + sum(writer.tensors[0][name].nbytes + (-writer.tensors[0][name].nbytes % 32)
+                             for name in writer.tensors[0])
+    with open(path, "r+b") as fh:  # the data: a hole of the right length
+        fh.truncate(total)
+    return total
+
+
+def rows_for(label: str, path: Path) -> list[dict]:
+    from quantkit.hardware import load_profile
+    from quantkit.hardware.estimate import artifact_facts, estimate_target
+    from quantkit.hardware.fit import fit_gguf
+    from quantkit.profile.memory import kv_cache_bytes_per_token
+    from quantkit.runtimes.llamacpp import LlamaCppRuntime
+
+    desc = LlamaCppRuntime.describe(path)
+    facts = artifact_facts("gguf", "q4_k_m", desc, kv_cache_bytes_per_token(desc))
+    rows = []
+    for name in PROFILES:
+        profile = load_profile(name)
+        estimate = estimate_target(facts, profile, 4096, None)
+        row = {"model": label, "file_bytes": path.stat().st_size, "profile": name, "compatible": estimate["compatible"],
+               "reasons": estimate["reasons"]}
+        if estimate["compatible"]:
+            fit = fit_gguf(path, profile, estimate=estimate)
+            row.update(fit=fit, calibrated_on=estimate["efficiency"]["calibrated_on"])
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    from quantkit.api import convert
+
+    out = REPO / "out" / "bench"
+    gemma = out / "gemma-3-270m-q4_k_m"
+    if not cached_embedded_artifact(gemma):
+        convert(None, ["gguf:q4_k_m"], out, verify=False)
+    header = out / NAME / "llama-3.1-8b-shape-Q4_K_M.gguf"
+    header.parent.mkdir(parents=True, exist_ok=True)
+    size = llama_8b_q4_k_m(header)
+    rows = rows_for("Gemma 3 270M q4_k_m", next(gemma.glob("*.gguf"))) + rows_for("Llama-3.1-8B-shaped q4_k_m", header)
+    result = {"rows": rows, "llama_8b_file_bytes": size, "published_8b_file_bytes": PUBLISHED_8B_Q4_K_M_BYTES}
+    write_results(NAME, result)
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    from quantkit.report.render import fit_text
+
+    body = []
+    for r in result["rows"]:
+        if not r["compatible"]:
+            body.append([r["model"], r["profile"], "incompatible: " + "; ".join(r["reasons"]), "-"])
+            continue
+        fit = r["fit"]
+        speed = f"{fit['decode_tokens_per_s']:.1f}" if fit.get("decode_tokens_per_s") else "-"
+        body.append([r["model"], r["profile"], fit_text(fit, speed=False).removesuffix(" (estimated)"), speed])
+    note = (f"\nThe 8B header is {result['llama_8b_file_bytes'] / 1e9:.3f} GB; the published Llama-3.1-8B Q4_K_M file is "
+            f"{result['published_8b_file_bytes'] / 1e9:.3f} GB ({100 * (result['llama_8b_file_bytes'] / result['published_8b_file_bytes'] - 1):+.2f} %).\n")
+    return markdown_table(["artifact", "profile", "fit (estimated)", "decode tok/s (estimated)"], body) + note
+
+
+def sections(result: dict) -> dict[str, str]:
+    return {"table": table(result)}
+
+
+if __name__ == "__main__":
+    main()
