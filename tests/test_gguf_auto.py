@@ -96,6 +96,12 @@ def test_auto_refuses_what_it_cannot_do(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the smallest mix" in err[0]
     assert not any((tmp_path / "o").glob("*auto*"))
+    # a GGUF source has no float model to measure sensitivities against
+    [f16] = convert(folder, ["gguf:f16"], tmp_path / "f", verify=False).artifacts
+    assert main(["-q", "convert", str(f16.main_file), "--to", "gguf:auto-6bpw", "--imatrix", str(tmp_path / "none.gguf"),
+                 "-o", str(tmp_path / "g")]) == 2
+    assert main(["-q", "convert", str(f16.main_file), "--to", "gguf:auto-6bpw", "-o", str(tmp_path / "g")]) == 2
+    assert "measures sensitivities against the float model" in capsys.readouterr().err
 
 
 def test_planner_recommends_auto_where_q8_0_does_not_fit(tiny_model, tmp_path):
