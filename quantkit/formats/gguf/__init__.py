@@ -162,21 +162,23 @@ class GGUFFormat(Format):
                     if source.kind != "hf":
                         raise InputError(f"{source.id}: gguf:auto measures sensitivities against the float model; "
                                          "convert from the HF checkpoint")
-                    check_budget(base, {k: recipe.option(k) for k in BUDGET_KEYS if recipe.option(k)}, recipe.scheme)
+                    check_budget(base, _budget(recipe), recipe.scheme)
                 if recipe.option("imatrix"):
-                    key = _shared(recipe, (*BUDGET_KEYS, "probe_windows"))
-                    if key not in imatrices:
-                        imatrices[key] = _imatrix(source, recipe, Path(work) / f"imatrix-{len(imatrices)}.gguf", progress)
-                    imatrix, imatrix_info = imatrices[key]
-                if auto and (key := _shared(recipe, BUDGET_KEYS)) not in analyses:
-                    analyses[key] = _analysis(source, recipe, base, imatrix, Path(work), options.threads, progress)
+                    calibration = _shared(recipe, (*BUDGET_KEYS, "probe_windows"))
+                    if calibration not in imatrices:
+                        imatrices[calibration] = _imatrix(source, recipe, Path(work) / f"imatrix-{len(imatrices)}.gguf",
+                                                          progress)
+                    imatrix, imatrix_info = imatrices[calibration]
+                analysis_key = _shared(recipe, BUDGET_KEYS)
+                if auto and analysis_key not in analyses:
+                    analyses[analysis_key] = _analysis(source, recipe, base, imatrix, Path(work), options.threads, progress)
                 with atomic_dir(final) as tmp:
                     out = tmp / f"{source.name}-{recipe.scheme.upper()}.gguf"
                     auto_info = None
                     if auto:
                         from .auto import measured_kld, quantize_choice
 
-                        analysis, budget = analyses[key], {k: recipe.option(k) for k in BUDGET_KEYS if recipe.option(k)}
+                        analysis, budget = analyses[analysis_key], _budget(recipe)
                         types = analysis.choose(budget, recipe.scheme)
                         with progress.task(f"quantizing {recipe.scheme}", read_gguf_summary(base)["tensor_count"]) as advance:
                             quantize_choice(base, out, types, imatrix, analysis, threads=options.threads, advance=advance)
@@ -206,6 +208,11 @@ class GGUFFormat(Format):
                                               main_file=out.name if imatrix is not None else None)
                 artifacts.append(Artifact(final, final / out.name, manifest))
         return artifacts
+
+
+def _budget(recipe: Recipe) -> dict[str, Any]:
+    """gguf:auto's budget: {"target_size": bytes} or {"target_bpw": bits}."""
+    return {k: recipe.option(k) for k in BUDGET_KEYS if recipe.option(k)}
 
 
 def _shared(recipe: Recipe, drop: Sequence[str]) -> tuple:
