@@ -188,7 +188,7 @@ def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, es
     result: dict[str, Any] = {
         "profile": profile.name, "backend": llama.backend, "n_gpu_layers": ngl, "n_layers": layout.n_layers,
         "output_on_gpu": ngl >= 1, "all_layers_on_gpu": offloads and ngl == top, "kv_type": kv_type,
-        "flash_attention": kv_type != "f16", "ctx": n_ctx, "n_ctx_train": layout.n_ctx_train,
+        "flash_attention": kv_type != "f16", "ctx": n_ctx, "ctx_largest": not ctx, "n_ctx_train": layout.n_ctx_train,
         "device_bytes": device if separate else None, "host_bytes": host if separate else device + host,
         "device_usable_bytes": device_usable if separate else None,
         "host_usable_bytes": host_usable if separate else device_usable,

@@ -136,9 +136,10 @@ def fit_text(fit: dict, speed: bool = True) -> str:
     pools = (f"{fit['device_bytes'] / 1e9:.2f} of {fit['device_usable_bytes'] / 1e9:.2f} GB on the device, "
              if fit["device_bytes"] is not None else "")
     host = f"{fit['host_bytes'] / 1e9:.2f}" + (f" of {fit['host_usable_bytes'] / 1e9:.2f}" if fit["host_usable_bytes"] else " (host RAM not in the profile)")
-    speed = f"; decode {fit['decode_tokens_per_s']:.1f} tok/s" if speed and fit.get("decode_tokens_per_s") else ""
+    rate = f"; decode {fit['decode_tokens_per_s']:.1f} tok/s" if speed and fit.get("decode_tokens_per_s") else ""
+    how = "largest that fits" if fit.get("ctx_largest", True) else "as asked"
     return (f"-ngl {ngl} ({where}), KV {fit['kv_type']}" + (" with -fa on" if fit["flash_attention"] else "")
-            + f", -c {fit['ctx']:,} (largest that fits, training context {fit['n_ctx_train']:,}); {pools}{host} GB in RAM{speed} (estimated)")
+            + f", -c {fit['ctx']:,} ({how}, training context {fit['n_ctx_train']:,}); {pools}{host} GB in RAM{rate} (estimated)")
 
 
 def targets_table(report: dict) -> None:
