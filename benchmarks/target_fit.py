@@ -86,20 +86,20 @@ def llama_8b_q4_k_m(path: Path) -> int:
 def rows_for(label: str, path: Path) -> list[dict]:
     from quantkit.hardware import load_profile
     from quantkit.hardware.estimate import artifact_facts, estimate_target
-    from quantkit.hardware.fit import fit_gguf
+    from quantkit.hardware.fit import GGUFLayout, fit_gguf
     from quantkit.profile.memory import kv_cache_bytes_per_token
     from quantkit.runtimes.llamacpp import LlamaCppRuntime
 
     desc = LlamaCppRuntime.describe(path)
     facts = artifact_facts("gguf", "q4_k_m", desc, kv_cache_bytes_per_token(desc))
-    rows = []
+    layout, rows = GGUFLayout.of(path), []
     for name in PROFILES:
         profile = load_profile(name)
         estimate = estimate_target(facts, profile, 4096, None)
         row = {"model": label, "file_bytes": path.stat().st_size, "profile": name, "compatible": estimate["compatible"],
                "reasons": estimate["reasons"]}
         if estimate["compatible"]:
-            fit = fit_gguf(path, profile, estimate=estimate)
+            fit = fit_gguf(path, profile, estimate=estimate, layout=layout)
             row.update(fit=fit, calibrated_on=estimate["efficiency"]["calibrated_on"])
         rows.append(row)
     return rows

@@ -130,13 +130,15 @@ def _pools(profile: HardwareProfile) -> tuple[int | None, int | None, bool]:
     return usable, None, False
 
 
-def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, estimate: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, estimate: dict[str, Any] | None = None,
+             layout: GGUFLayout | None = None) -> dict[str, Any]:
     """The split of the GGUF at ``path`` on ``profile``: ``n_gpu_layers``, ``kv_type``, the
     context (``ctx`` when asked, else the largest that fits, up to the training context) and the
     bytes on each pool; speeds estimated from ``estimate`` (the target's estimate for the whole
     model on its accelerator) when given. An artifact that does not fit even on the CPU alone is
-    an InputError naming what is missing."""
-    layout = GGUFLayout.of(path)
+    an InputError naming what is missing. ``layout``: the GGUF's, when already read (one header
+    read for many profiles)."""
+    layout = layout or GGUFLayout.of(path)
     llama = next((r for r in profile.runtimes if r.name == "llama.cpp" and "gguf" in r.formats), None)
     if llama is None:
         raise InputError(f"{profile.name}: no llama.cpp runtime in the profile to run a GGUF")

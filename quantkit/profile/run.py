@@ -153,7 +153,7 @@ def _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration, ma
         own = calibrate(facts, host, latency, ctx, source="this artifact, measured on this host")
         report["host"]["efficiency"] = {"decode": own.decode, "prefill": own.prefill, "measured": True}
         calibration = calibration or own
-    out = []
+    out, layout = [], None
     for target in targets:
         profile = host if target == HOST else target
         estimate = estimate_target(facts, profile, ctx, calibration)
@@ -165,10 +165,11 @@ def _targets(fmt, manifest, desc, report, targets, ctx, threads, calibration, ma
                 k: 100.0 * (estimate[k] - v) / v for k, v in measured.items()
             }
         if fmt == "gguf" and estimate["compatible"]:
-            from ..hardware.fit import fit_gguf
+            from ..hardware.fit import GGUFLayout, fit_gguf
 
+            layout = layout or GGUFLayout.of(main)
             try:
-                estimate["fit"] = fit_gguf(main, profile, estimate=estimate)
+                estimate["fit"] = fit_gguf(main, profile, estimate=estimate, layout=layout)
             except InputError as exc:
                 estimate["fit"] = {"error": str(exc)}
         out.append(estimate)

@@ -61,24 +61,22 @@ def return_freed_memory() -> None:
     per-block tensors come from the heap and stay resident once freed: verification of a
     0.5B-parameter model peaked at 4.1 GB instead of 3.0 GB. Fixing the threshold turns that
     dynamic behaviour off (``mallopt(M_MMAP_THRESHOLD)``; a no-op where libc is not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    _glibc("mallopt", -3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD
 
 
 def trim_heap() -> None:
     """Give the heap's free pages back to the system (``malloc_trim``; a no-op where libc is not
     glibc): after a pass of the engine whose buffers the process no longer needs."""
+    _glibc("malloc_trim", 0)
+
+
+def _glibc(function: str, *args: int) -> None:
+    """Call one of glibc's malloc tunables; nothing where the C library has no such function."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)(*args)
     except (OSError, AttributeError):
         pass
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -233,14 +234,13 @@ def _analysis(source: Source, recipe: Recipe, base: Path, imatrix: Path, work: P
     _, windows, _ = source_windows(source.path, dict(recipe.options))
     n = min(recipe.option("probe_windows"), len(windows))
     probes = [windows[i * len(windows) // n] for i in range(n)]
-    models = [TorchReference(source, threads=threads)]  # gone once its top-k scores of the windows are kept
 
     def task(what: str, total: int):
         return progress.task(f"gguf:auto reference: {what}", total)
 
-    [reference] = reference_scores(lambda w: models[0].logits(w, task=task), {"probe": probes},
+    # the float model is referenced by this call only: gone once its top-k scores are kept
+    [reference] = reference_scores(partial(TorchReference(source, threads=threads).logits, task=task), {"probe": probes},
                                    fingerprint=source.fingerprint, cache_dir=None).values()
-    models.clear()
     trim_heap()
     return analyse(base, imatrix, reference, probes, work, threads=threads, progress=progress)
 

@@ -273,19 +273,6 @@ def _weighted_error(original: np.ndarray, quantized: np.ndarray, rows: int, weig
     return total * rows / original.shape[0]
 
 
-class _closing:
-    """Closes a file descriptor on leaving."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
-
-
 def _is_quantized(kind: gguf.GGMLQuantizationType) -> bool:
     return kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
@@ -306,8 +293,7 @@ def _options(base: Path, imatrix: Path, originals: Mapping[str, Any], base_fd: i
             quantize_gguf(base, path, "q8_0", threads=threads, advance=advance, imatrix=imatrix, overrides=[(".", kind)],
                           pure=True)
         reader = gguf.GGUFReader(path)
-        fd = os.open(path, os.O_RDONLY)
-        with progress.task(f"gguf:auto: weighted errors in {kind}", total) as advance, _closing(fd):
+        with progress.task(f"gguf:auto: weighted errors in {kind}", total) as advance, open(path, "rb") as fh:
             for t in reader.tensors:
                 advance(1)
                 if kind == BASE_TYPE:
@@ -322,7 +308,7 @@ def _options(base: Path, imatrix: Path, originals: Mapping[str, Any], base_fd: i
                     probe_types[t.name] = actual
                 if actual not in options[t.name]:
                     rows = int(t.n_elements) // int(t.shape[0])
-                    error = _weighted_error(_sample_rows(base_fd, originals[t.name]), _sample_rows(fd, t), rows,
+                    error = _weighted_error(_sample_rows(base_fd, originals[t.name]), _sample_rows(fh.fileno(), t), rows,
                                             means.get(t.name))
                     options[t.name][actual] = Option(actual, int(t.n_bytes), error)
         if kind == BASE_TYPE:
@@ -354,8 +340,8 @@ def analyse(
     originals = {t.name: t for t in original.tensors}
     n_params = sum(int(t.n_elements) for t in original.tensors)
     total = len(original.tensors)
-    with _closing(os.open(base, os.O_RDONLY)) as base_fd:
-        options, probe_types, fixed_tensor_bytes, fixed_file_bytes = _options(base, imatrix, originals, base_fd, means,
+    with open(base, "rb") as fh:
+        options, probe_types, fixed_tensor_bytes, fixed_file_bytes = _options(base, imatrix, originals, fh.fileno(), means,
                                                                               total, work, threads, progress)
     del originals, original  # the intermediate's map
     base_file = work / f"auto-{BASE_TYPE}.gguf"
