@@ -319,8 +319,13 @@ def entry() -> None:
     except KeyboardInterrupt:  # a second signal while the first one's cleanup ran: still exit 130
         code = 130
     if code == 130:
-        # interrupted and cleaned up: a signal during interpreter shutdown must not turn exit 130
-        # into death by SIGINT (seen once in CI: "interrupted" printed, then returncode -2)
+        # interrupted and cleaned up: exit 130, not death by SIGINT. CPython remembers a
+        # KeyboardInterrupt that left any exec() of a string (dataclasses and namedtuples are built
+        # that way, so a signal landing during a lazy import does it) and, under `python -m`, kills
+        # itself with SIGINT at exit even though the interrupt was handled (CI: returncode -2). Each
+        # exec() of a string clears that flag first, so one empty exec() clears it.
+        exec("")
+        # and a second signal during interpreter shutdown must not do it either
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)

@@ -174,6 +174,23 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_model, tmp_path):
     assert os.listdir(out) == []
 
 
+def test_interrupt_inside_exec_still_exits_130(tmp_path):
+    # a signal that lands while a dataclass or namedtuple is being built (an exec() of a string)
+    # made `python -m quantkit.cli` die by SIGINT after a clean, handled interrupt
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import quantkit.cli as cli\n"
+        "def main(argv=None):\n"
+        "    try:\n"
+        "        exec('raise KeyboardInterrupt')\n"
+        "    except KeyboardInterrupt:\n"
+        "        return 130\n"
+        "cli.main = main\n"
+        "cli.entry()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, env=env, capture_output=True)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+
+
 # -- damaged artifacts and other bad input: exit 2, one line ---------------------------------------------
 
 
