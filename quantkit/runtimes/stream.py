@@ -41,10 +41,33 @@ class Layout:
     blocks: str = "model.layers"
     norm: str = "model.norm"
     head: str = "lm_head"
+    # a mixture-of-experts block: transformers 5 keeps each block's routed experts as two stacked
+    # parameters, ``mlp.experts.gate_up_proj`` [experts, 2 x ffn, hidden] (gate rows first) and
+    # ``mlp.experts.down_proj`` [experts, hidden, ffn]; checkpoints store one matrix per expert
+    # and part, ``{moe}.experts.{e}.{leaf}.weight`` with the leaves of gate, up and down, where
+    # ``moe`` is the checkpoint's name of the module transformers calls ``mlp``
+    moe: str = "mlp"
+    expert_leaves: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def checkpoint_parts(self, param: str, shape: tuple[int, ...]) -> list[list[str]]:
+        """The checkpoint tensors module parameter ``param`` (full path) is read from: one, or for
+        a stacked expert parameter, per expert the matrices concatenated along rows."""
+        stored = param.replace(".mlp.", f".{self.moe}.", 1) if self.moe != "mlp" else param
+        owner, _, leaf = stored.rpartition(f".{self.moe}.experts.")
+        if not owner or leaf not in ("gate_up_proj", "down_proj"):
+            return [[stored]]
+        gate, up, down = self.expert_leaves
+        parts = (gate, up) if leaf == "gate_up_proj" else (down,)
+        return [[f"{owner}.{self.moe}.experts.{e}.{part}.weight" for part in parts] for e in range(shape[0])]
 
 
-# config.json model_type -> layout; every supported family keeps Llama's names
-LAYOUTS: dict[str, Layout] = {name: Layout() for name in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3")}
+# config.json model_type -> layout; every supported family keeps Llama's names (Mixtral its own
+# names for the experts)
+LAYOUTS: dict[str, Layout] = {
+    **{name: Layout() for name in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3", "glm4", "qwen2_moe",
+                                   "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")},
+    "mixtral": Layout(moe="block_sparse_moe", expert_leaves=("w1", "w3", "w2")),
+}
 
 
 class _StopCapture(Exception):
@@ -204,16 +227,45 @@ class LayerStream:
 
         module = self.model.get_submodule(prefix)
         for name, param in list(module.named_parameters()):
-            full = f"{prefix}.{name}"
-            if full not in self.source.tensors:
-                raise ConversionError(f"{self.source.id}: the checkpoint has no tensor {full!r} that its config.json implies")
-            value = torch.from_numpy(reader.get(full))
-            if tuple(value.shape) != tuple(param.shape):
-                raise ConversionError(f"{self.source.id}: {full} has shape {tuple(value.shape)}; config.json implies {tuple(param.shape)}")
+            value = self._read(f"{prefix}.{name}", tuple(param.shape), reader)
             owner, _, leaf = name.rpartition(".")
             target = module.get_submodule(owner) if owner else module
             target._parameters[leaf] = torch.nn.Parameter(value.to(self.device), requires_grad=False)
+        for name, buffer in list(module.named_buffers()):  # stored buffers (DeepSeek V3's router bias)
+            full = f"{prefix}.{name}"
+            if self.layout.checkpoint_parts(full, tuple(buffer.shape))[0][0] in self.source.tensors:
+                owner, _, leaf = name.rpartition(".")
+                target = module.get_submodule(owner) if owner else module
+                target._buffers[leaf] = self._read(full, tuple(buffer.shape), reader).to(buffer.dtype).to(self.device)
         return module
+
+    def _read(self, full: str, shape: tuple[int, ...], reader):
+        """float32 tensor ``full`` of the module tree, from its checkpoint tensor, or stacked one
+        expert at a time from the per-expert matrices it is made of."""
+        import torch
+
+        parts = [[full]] if full in self.source.tensors else self.layout.checkpoint_parts(full, shape)
+        for name in (n for group in parts for n in group):
+            if name not in self.source.tensors:
+                raise ConversionError(f"{self.source.id}: the checkpoint has no tensor {name!r} that its config.json implies")
+        if len(parts) == 1 and len(parts[0]) == 1:
+            value = torch.from_numpy(reader.get(parts[0][0]))
+        else:
+            value = torch.empty(shape, dtype=torch.float32)
+            for e, group in enumerate(parts):
+                row = 0
+                for name in group:
+                    piece = torch.from_numpy(reader.get(name))
+                    if piece.ndim != 2 or piece.shape[1] != shape[2] or row + piece.shape[0] > shape[1]:
+                        raise ConversionError(f"{self.source.id}: {name} has shape {tuple(piece.shape)}; config.json implies "
+                                              f"rows of {shape[2]} in a stack of {tuple(shape)}")
+                    value[e, row : row + piece.shape[0]] = piece
+                    row += piece.shape[0]
+                if row != shape[1]:
+                    raise ConversionError(f"{self.source.id}: expert {e} of {full} has {row} rows; config.json implies {shape[1]}")
+        if tuple(value.shape) != shape:
+            raise ConversionError(f"{self.source.id}: {full} has shape {tuple(value.shape)}; config.json implies {shape}")
+        return value
 
     def release(self, prefix: str) -> None:
         """Free the parameters of the module at ``prefix`` (back to meta)."""
