@@ -25,7 +25,8 @@ from .errors import PickleRefusedError, SourceError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Source", "TensorInfo", "resolve_source", "rope_parameters", "DEFAULT_SOURCE_ID", "DTYPE_BYTES"]
+__all__ = ["Source", "TensorInfo", "resolve_source", "rope_parameters", "Experts", "experts_of", "DEFAULT_SOURCE_ID",
+           "DTYPE_BYTES"]
 
 DEFAULT_SOURCE_ID = "embedded:gemma-3-270m"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -175,6 +176,85 @@ def rope_parameters(config: dict[str, Any], layer_type: str = "full_attention") 
     params.setdefault("rope_type", "default")
     params["rope_theta"] = float(params.get("rope_theta", 10000.0))
     return params
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts config, read the same way for every family (``experts_of``)."""
+
+    count: int  # routed experts per MoE block
+    used: int  # routed experts a token goes through
+    ff: int  # feed-forward width of one routed expert
+    shared_ff: int  # total width of the shared expert(s), 0 without
+    dense_blocks: int  # leading blocks with a dense feed-forward (DeepSeek's first_k_dense_replace)
+    gating: str  # "softmax" or "sigmoid" over the router's scores
+    normalize: bool  # the chosen experts' weights renormalised to sum to 1
+    scale: float  # routed output multiplied by this (1.0: not scaled)
+    groups: int  # expert groups for group-limited routing (1: none)
+    groups_used: int
+
+    def moe_blocks(self, n_layers: int) -> int:
+        return n_layers - self.dense_blocks
+
+
+# config.json model_type -> its names for the fields of Experts (ff, shared width or shared count
+# x ff, leading dense blocks); the expert count has one of three names (transformers 5 saves
+# Qwen's num_experts as num_local_experts), the rest the same name in every family
+_EXPERT_FIELDS: dict[str, dict[str, str]] = {
+    "mixtral": {"ff": "intermediate_size"},
+    "olmoe": {"ff": "intermediate_size"},
+    "qwen2_moe": {"ff": "moe_intermediate_size", "shared_ff": "shared_expert_intermediate_size"},
+    "qwen3_moe": {"ff": "moe_intermediate_size"},
+    **{t: {"ff": "moe_intermediate_size", "shared": "n_shared_experts", "dense_blocks": "first_k_dense_replace"}
+       for t in ("deepseek_v2", "deepseek_v3", "glm4_moe")},
+}
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+# the gating function, top-k normalisation and scale each family's reference code uses when its
+# config does not say (Mixtral always normalises; DeepSeek V3 and GLM-4.5 score with a sigmoid)
+_EXPERT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"normalize": True},
+    "deepseek_v3": {"gating": "sigmoid"},
+    "glm4_moe": {"gating": "sigmoid"},
+}
+
+
+def experts_of(config: dict[str, Any]) -> Experts | None:
+    """The mixture-of-experts settings of an HF config.json, or None for a dense model."""
+    from .errors import UnsupportedArchitectureError
+
+    config = config.get("text_config") or config
+    fields = _EXPERT_FIELDS.get(str(config.get("model_type")))
+    if fields is None:
+        return None
+    defaults = _EXPERT_DEFAULTS.get(str(config["model_type"]), {})
+    try:
+        count = int(next((config[k] for k in _EXPERT_COUNT_KEYS if config.get(k) is not None), None) or config["num_experts"])
+        used, ff = int(config["num_experts_per_tok"]), int(config[fields["ff"]])
+        if "shared_ff" in fields:
+            shared_ff = int(config.get(fields["shared_ff"]) or 0)
+        else:
+            shared_ff = int(config.get(fields.get("shared", ""), 0) or 0) * ff
+        gating = str(config.get("scoring_func") or defaults.get("gating", "softmax"))
+        normalize = bool(config.get("norm_topk_prob", defaults.get("normalize", False)))
+        experts = Experts(
+            count=count, used=used, ff=ff, shared_ff=shared_ff,
+            dense_blocks=int(config.get(fields.get("dense_blocks", ""), 0) or 0),
+            gating=gating, normalize=normalize, scale=float(config.get("routed_scaling_factor") or 1.0),
+            groups=int(config.get("n_group") or 1), groups_used=int(config.get("topk_group") or 1),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnsupportedArchitectureError(f"config.json of a {config.get('model_type')} model lacks a usable {exc} "
+                                           "mixture-of-experts setting") from exc
+    if not 0 < experts.used <= experts.count or experts.ff <= 0:
+        raise UnsupportedArchitectureError(f"config.json routes {experts.used} of {experts.count} experts of width "
+                                           f"{experts.ff}: not a usable mixture of experts")
+    if experts.gating not in ("softmax", "sigmoid"):
+        raise UnsupportedArchitectureError(f"expert gating function {experts.gating!r} is not supported (softmax or sigmoid)")
+    # layer patterns quantkit does not model: every block past the leading dense ones is MoE
+    if int(config.get("decoder_sparse_step") or 1) != 1 or config.get("mlp_only_layers") or int(config.get("moe_layer_freq") or 1) != 1:
+        raise UnsupportedArchitectureError("a mixture of experts with dense blocks between the MoE blocks (decoder_sparse_step, "
+                                           "mlp_only_layers or moe_layer_freq) is not supported")
+    return experts
 
 
 def _load_pickle(file: Path) -> dict[str, Any]:
