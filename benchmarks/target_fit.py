@@ -1,14 +1,16 @@
 """GGUF artifacts fitted to the shipped hardware profiles: GPU layers, KV cache type, the largest
-context and the estimated decode speed, for Gemma 3 270M q4_k_m (converted here) and for a
-Llama-3.1-8B-shaped q4_k_m (a GGUF header written here, its data a sparse hole: the fit and the
-estimates read only tensor sizes).
+context and the estimated decode speed, for Gemma 3 270M q4_k_m (converted here), a
+Llama-3.1-8B-shaped q4_k_m and a Qwen3-30B-A3B-shaped q4_k_m (a mixture of experts: 128
+experts, 8 routed a token). The last two are GGUF headers written here, their data a sparse hole:
+the fit and the estimates read only tensor sizes.
 
     python benchmarks/target_fit.py
 
-No model is run (seconds). The 8B header's tensor types follow llama.cpp's q4_k_m mix
-(``llama-quant.cpp``: q6_k for the head, and for attn_v and ffn_down on the first and last
-eighth of the blocks and every third between; q4_k elsewhere); its size is compared with the
-published Llama-3.1-8B Q4_K_M file. Writes benchmarks/results/target_fit.json.
+No model is run (seconds). The headers' tensor types follow llama.cpp's q4_k_m mix
+(``llama-quant.cpp``: q6_k for the head, and for attn_v and ffn_down (the experts' too) on the
+first and last eighth of the blocks and every third between; q4_k elsewhere; routers and norms
+f32); their sizes are compared with the published Q4_K_M files. Writes
+benchmarks/results/target_fit.json.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ PROFILES = ("laptop-x86-8gb", "laptop-x86-16gb", "raspberry-pi-5-8gb", "apple-m2
 LLAMA_8B = {"n_layers": 32, "n_embd": 4096, "n_head": 32, "n_head_kv": 8, "n_ff": 14336, "n_vocab": 128256,
             "n_ctx_train": 131072}
 PUBLISHED_8B_Q4_K_M_BYTES = 4_917_737_554
+# Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B) and its Q4_K_M GGUF's published size: 17.28
+# (GiB, 18.55 GB) on huggingface.co/GOBA-AI-Labs/PrunedHub-Qwen3-30B-A3B-EN-80pct-MxMoE, which
+# compares its own file with "the original Q4_K_M"
+QWEN3_30B_A3B = {"n_layers": 48, "n_embd": 2048, "n_head": 32, "n_head_kv": 4, "head_dim": 128, "n_ff": 6144, "n_expert": 128,
+                 "n_expert_used": 8, "n_ff_exp": 768, "n_vocab": 151936, "n_ctx_train": 40960}
+PUBLISHED_30B_A3B_Q4_K_M_BYTES = int(17.28 * 2**30)
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -38,11 +46,13 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
+Q4K, Q6K, F32 = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.F32
+
+
 def llama_8b_q4_k_m(path: Path) -> int:
     """A Llama-3.1-8B-shaped q4_k_m GGUF: header and tensor table as llama.cpp writes them, the
     data region a sparse hole. Returns the file size."""
-    s = LLAMA_8B
-    q4k, q6k, f32 = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K, gguf.GGMLQuantizationType.F32
+    s, q4k, q6k, f32 = LLAMA_8B, Q4K, Q6K, F32
     head_dim = s["n_embd"] // s["n_head"]
     kv = s["n_head_kv"] * head_dim
     tensors = [("token_embd.weight", (s["n_vocab"], s["n_embd"]), q4k)]
@@ -55,19 +65,51 @@ def llama_8b_q4_k_m(path: Path) -> int:
                     (f"blk.{i}.ffn_down.weight", (s["n_embd"], s["n_ff"]), more)]
     tensors += [("output_norm.weight", (s["n_embd"],), f32), ("output.weight", (s["n_vocab"], s["n_embd"]), q6k),
                 ("rope_freqs.weight", (head_dim // 2,), f32)]
-    writer = gguf.GGUFWriter(str(path), "llama")
+    return _header(path, "llama", s, tensors)
+
+
+def qwen3_30b_a3b_q4_k_m(path: Path) -> int:
+    """A Qwen3-30B-A3B-shaped q4_k_m GGUF header (data a sparse hole): 48 blocks of grouped-query
+    attention with q/k norms and a router over 128 stacked experts of width 768."""
+    s = QWEN3_30B_A3B
+    n, e, hd, ff = s["n_embd"], s["n_expert"], s["head_dim"], s["n_ff_exp"]
+    tensors = [("token_embd.weight", (s["n_vocab"], n), Q4K)]
+    for i in range(s["n_layers"]):
+        more = Q6K if _more_bits(i, s["n_layers"]) else Q4K
+        tensors += [(f"blk.{i}.attn_norm.weight", (n,), F32), (f"blk.{i}.ffn_norm.weight", (n,), F32),
+                    (f"blk.{i}.attn_q_norm.weight", (hd,), F32), (f"blk.{i}.attn_k_norm.weight", (hd,), F32),
+                    (f"blk.{i}.attn_q.weight", (s["n_head"] * hd, n), Q4K), (f"blk.{i}.attn_k.weight", (s["n_head_kv"] * hd, n), Q4K),
+                    (f"blk.{i}.attn_v.weight", (s["n_head_kv"] * hd, n), more),
+                    (f"blk.{i}.attn_output.weight", (n, s["n_head"] * hd), Q4K), (f"blk.{i}.ffn_gate_inp.weight", (e, n), F32),
+                    (f"blk.{i}.ffn_gate_exps.weight", (e, ff, n), Q4K), (f"blk.{i}.ffn_up_exps.weight", (e, ff, n), Q4K),
+                    (f"blk.{i}.ffn_down_exps.weight", (e, n, ff), more)]
+    tensors += [("output_norm.weight", (n,), F32), ("output.weight", (s["n_vocab"], n), Q6K)]
+    return _header(path, "qwen3moe", s, tensors, experts=True)
+
+
+def _header(path: Path, arch: str, s: dict, tensors: list, experts: bool = False) -> int:
+    """Write the GGUF header and tensor table of ``tensors`` (name, numpy-order shape, type) and
+    leave the data region a hole of the right length. Returns the file size."""
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(s["n_layers"])
     writer.add_embedding_length(s["n_embd"])
     writer.add_feed_forward_length(s["n_ff"])
     writer.add_head_count(s["n_head"])
     writer.add_head_count_kv(s["n_head_kv"])
+    if "head_dim" in s:
+        writer.add_key_length(s["head_dim"])
+        writer.add_value_length(s["head_dim"])
+    if experts:
+        writer.add_expert_count(s["n_expert"])
+        writer.add_expert_used_count(s["n_expert_used"])
+        writer.add_expert_feed_forward_length(s["n_ff_exp"])
     writer.add_context_length(s["n_ctx_train"])
     writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_K_M))
     writer.add_token_list([f"<t{i}>" for i in range(s["n_vocab"])])
     for name, shape, kind in tensors:
         block, size = gguf.GGML_QUANT_SIZES[kind]
         nbytes = int(np.prod(shape)) // block * size
-        if kind == f32:
+        if kind == F32:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=kind)
         else:  # the writer takes a quantized tensor's shape in bytes per row
             writer.add_tensor_info(name, (*shape[:-1], shape[-1] // block * size), np.dtype(np.uint8), nbytes, raw_dtype=kind)
@@ -84,6 +126,7 @@ def llama_8b_q4_k_m(path: Path) -> int:
 
 
 def rows_for(label: str, path: Path) -> list[dict]:
+    from quantkit.errors import InputError
     from quantkit.hardware import load_profile
     from quantkit.hardware.estimate import artifact_facts, estimate_target
     from quantkit.hardware.fit import GGUFLayout, fit_gguf
@@ -99,7 +142,10 @@ def rows_for(label: str, path: Path) -> list[dict]:
         row = {"model": label, "file_bytes": path.stat().st_size, "profile": name, "compatible": estimate["compatible"],
                "reasons": estimate["reasons"]}
         if estimate["compatible"]:
-            fit = fit_gguf(path, profile, estimate=estimate, layout=layout)
+            try:
+                fit = fit_gguf(path, profile, estimate=estimate, layout=layout)
+            except InputError as exc:  # does not fit even on the CPU: the line says what is missing
+                fit = {"error": str(exc)}
             row.update(fit=fit, calibrated_on=estimate["efficiency"]["calibrated_on"])
         rows.append(row)
     return rows
@@ -115,8 +161,12 @@ def main() -> None:
     header = out / NAME / "llama-3.1-8b-shape-Q4_K_M.gguf"
     header.parent.mkdir(parents=True, exist_ok=True)
     size = llama_8b_q4_k_m(header)
-    rows = rows_for("Gemma 3 270M q4_k_m", next(gemma.glob("*.gguf"))) + rows_for("Llama-3.1-8B-shaped q4_k_m", header)
-    result = {"rows": rows, "llama_8b_file_bytes": size, "published_8b_file_bytes": PUBLISHED_8B_Q4_K_M_BYTES}
+    moe = out / NAME / "qwen3-30b-a3b-shape-Q4_K_M.gguf"
+    moe_size = qwen3_30b_a3b_q4_k_m(moe)
+    rows = (rows_for("Gemma 3 270M q4_k_m", next(gemma.glob("*.gguf"))) + rows_for("Llama-3.1-8B-shaped q4_k_m", header)
+            + rows_for("Qwen3-30B-A3B-shaped q4_k_m", moe))
+    result = {"rows": rows, "llama_8b_file_bytes": size, "published_8b_file_bytes": PUBLISHED_8B_Q4_K_M_BYTES,
+              "qwen3_30b_a3b_file_bytes": moe_size, "published_30b_a3b_file_bytes": PUBLISHED_30B_A3B_Q4_K_M_BYTES}
     write_results(NAME, result)
     print(table(result))
 
@@ -134,6 +184,11 @@ def table(result: dict) -> str:
         body.append([r["model"], r["profile"], fit_text(fit, speed=False).removesuffix(" (estimated)"), speed])
     note = (f"\nThe 8B header is {result['llama_8b_file_bytes'] / 1e9:.3f} GB; the published Llama-3.1-8B Q4_K_M file is "
             f"{result['published_8b_file_bytes'] / 1e9:.3f} GB ({100 * (result['llama_8b_file_bytes'] / result['published_8b_file_bytes'] - 1):+.2f} %).\n")
+    if "qwen3_30b_a3b_file_bytes" in result:
+        mine, published = result["qwen3_30b_a3b_file_bytes"], result["published_30b_a3b_file_bytes"]
+        note += (f"The Qwen3-30B-A3B header is {mine / 1e9:.2f} GB; its published Q4_K_M file is about {published / 1e9:.2f} GB "
+                 f"({100 * (mine / published - 1):+.1f} %). A token reads the attention, the router and 8 of 128 experts "
+                 "per block: the decode estimates use those bytes, not the file's.\n")
     return markdown_table(["artifact", "profile", "fit (estimated)", "decode tok/s (estimated)"], body) + note
 
 

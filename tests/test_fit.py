@@ -89,3 +89,27 @@ def test_profile_reports_the_fit_of_a_gguf(tiny_gguf, tmp_path, capsys):
 
     fit = json.loads((tmp_path / "r.json").read_text())["targets"][0]["fit"]
     assert fit["n_gpu_layers"] == 3 and fit["estimated"] and fit["profile"] == "board"
+
+
+def test_mixture_of_experts_keeps_the_first_blocks_experts_in_ram(tiny_model, tmp_path):
+    """A mixture of experts that does not fit the GPU whole: every layer offloaded, the routed
+    experts of the fewest first blocks on the CPU (--n-cpu-moe), and the speed from the bytes a
+    token reads (its routed experts' share)."""
+    from quantkit.hardware.estimate import artifact_facts, estimate_target
+    from quantkit.profile.memory import kv_cache_bytes_per_token
+    from quantkit.runtimes.llamacpp import LlamaCppRuntime
+
+    path = convert(tiny_model("qwen3_moe"), ["gguf:f16"], tmp_path, verify=False).artifacts[0].main_file
+    layout = GGUFLayout.of(path)
+    assert layout.expert_active == 0.5 and all(0 < e < b for e, b in zip(layout.expert_bytes, layout.layer_bytes, strict=True))
+    ctx, top = 256, layout.n_layers + 1
+    whole = _split(layout, top, ctx, "q8_0")[0]
+    one_in_ram = _split(layout, top, ctx, "q8_0", cpu_moe=1)[0]
+    assert whole - one_in_ram == layout.expert_bytes[0]
+    board = _board(tmp_path / "m.yaml", device=MARGIN_MIN + (whole + one_in_ram) // 2, host=8 * 2**30)
+    desc = LlamaCppRuntime.describe(path)
+    assert desc["expert_count"] == 4 and desc["bytes_read_per_token"] < desc["tensor_bytes"] - desc["expert_bytes"] // 2 + 1
+    estimate = estimate_target(artifact_facts("gguf", "f16", desc, kv_cache_bytes_per_token(desc)), board, ctx, None)
+    fit = fit_gguf(path, board, ctx=ctx, estimate=estimate)
+    assert fit["n_gpu_layers"] == top and fit["n_cpu_moe"] == 1 and fit["kv_type"] == "q8_0"
+    assert "of the bytes a token reads" in fit["speed_note"] and fit["decode_tokens_per_s"] < estimate["decode_tokens_per_s"]

@@ -56,6 +56,10 @@ class ArtifactFacts:
     max_ctx: int | None
     gguf_tensor_types: frozenset[str] = frozenset()
     onnx_graph: dict[str, Any] = field(default_factory=dict)
+    # a mixture of experts: the routed experts a token does not go through stay resident but are
+    # not read (0 for a dense model); active_params: the weights a token is multiplied through
+    idle_expert_bytes: int = 0
+    active_params: int | None = None
 
     @property
     def has_kv_cache(self) -> bool:
@@ -92,6 +96,9 @@ def artifact_facts(fmt: str, scheme: str | None, desc: dict[str, Any], kv_bytes_
         max_ctx=desc.get("max_ctx"),
         gguf_tensor_types=types,
         onnx_graph=desc.get("graph", {}),
+        idle_expert_bytes=int(desc.get("expert_bytes", 0) * (1 - desc.get("expert_used_count", 0) / max(1, desc.get("expert_count", 0))))
+        if desc.get("expert_count") else 0,
+        active_params=desc.get("active_params"),
     )
 
 
@@ -166,10 +173,11 @@ def estimate_target(facts: ArtifactFacts, profile: HardwareProfile, ctx: int, ca
     if facts.kind == "decoder" and facts.has_kv_cache:
         result["decode_roofline_tokens_per_s"] = bounds["decode_tokens_per_s"]
         if "decode" in published:
-            # fitted on published file sizes: the artifact's work in the same unit (weights, not
-            # only the bytes a token reads, plus the KV cache)
+            # fitted on published file sizes of dense models: the artifact's work in the same unit
+            # (weights, not only the bytes a token reads, plus the KV cache), less the experts a
+            # token of a mixture of experts does not go through
             model = published["decode"]
-            work = (facts.weight_bytes + facts.kv_bytes_per_token * ctx // 2) / profile.memory.bandwidth_bytes_per_s
+            work = (facts.weight_bytes - facts.idle_expert_bytes + facts.kv_bytes_per_token * ctx // 2) / profile.memory.bandwidth_bytes_per_s
             result["decode_tokens_per_s"] = model.tokens_per_s(work)
             efficiency.update(decode=model.efficiency, decode_overhead_s=model.overhead_s, calibrated_on=model.source)
         else:

@@ -133,6 +133,8 @@ def fit_text(fit: dict, speed: bool = True) -> str:
     ngl, n = fit["n_gpu_layers"], fit["n_layers"]
     where = ("all on the CPU" if ngl == 0 else "all layers offloaded" if fit["all_layers_on_gpu"]
              else f"output layer and {ngl - 1} of {n} blocks offloaded")
+    if fit.get("n_cpu_moe"):  # a mixture of experts: the first blocks' routed experts stay in RAM
+        where += f", --n-cpu-moe {fit['n_cpu_moe']}: the routed experts of blocks 0-{fit['n_cpu_moe'] - 1} in RAM"
     pools = (f"{fit['device_bytes'] / 1e9:.2f} of {fit['device_usable_bytes'] / 1e9:.2f} GB on the device, "
              if fit["device_bytes"] is not None else "")
     host = f"{fit['host_bytes'] / 1e9:.2f}" + (f" of {fit['host_usable_bytes'] / 1e9:.2f}" if fit["host_usable_bytes"] else " (host RAM not in the profile)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -156,6 +157,18 @@ class LlamaCppRuntime:
         n_vocab = len(reader.fields["tokenizer.ggml.tokens"])
         sizes = {"n_layers": int(hp("block_count")), "n_embd": n_embd, "n_head": n_head,
                  "n_head_kv": int(hp("attention.head_count_kv", n_head)), "head_dim": head_dim}
+        # a mixture of experts reads, per token, only the routed experts' rows of the stacked
+        # ffn_*_exps tensors: used / count of them (all of them stay resident)
+        n_expert, n_used = int(hp("expert_count", 0) or 0), int(hp("expert_used_count", 0) or 0)
+        active = n_used / n_expert if n_expert else 1.0
+        experts = [t for t in reader.tensors if "_exps." in t.name]
+        idle_bytes = int(sum(t.n_bytes for t in experts) * (1 - active))
+        moe = {}
+        if experts:
+            block_params = sum(math.prod(t.shape) for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) >= 2)
+            idle_params = int(sum(math.prod(t.shape) for t in experts) * (1 - active))
+            moe = {"expert_count": n_expert, "expert_used_count": n_used, "expert_bytes": sum(t.n_bytes for t in experts),
+                   "linear_params": block_params - idle_params, "active_params": block_params - idle_params}
         return {
             "n_layers": int(hp("block_count")),
             "n_embd": n_embd,
@@ -166,7 +179,7 @@ class LlamaCppRuntime:
             "tensor_bytes": sum(names.values()),
             # bytes a decode step reads: every weight, except the embedding table when the
             # output head is separate (then only one row of it is looked up per token)
-            "bytes_read_per_token": sum(names.values()) - (0 if tied else embd),
+            "bytes_read_per_token": sum(names.values()) - (0 if tied else embd) - idle_bytes,
             "repack_bytes": _repack_bytes(reader.tensors),
             # the vocabulary's in-memory tables (token text, score and attributes, the
             # text->id hash map, the piece cache, the loader's copy of the GGUF arrays: about
@@ -175,6 +188,7 @@ class LlamaCppRuntime:
             "linear_params": linear_params(sizes, int(hp("feed_forward_length", 4 * n_embd))),
             "max_ctx": int(hp("context_length", 0)) or None,
             "tensor_types": sorted({t.tensor_type.name.lower() for t in reader.tensors}),
+            **moe,
         }
 
     def close(self) -> None:

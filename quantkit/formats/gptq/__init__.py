@@ -18,7 +18,7 @@ from ...artifact import Artifact, atomic_dir, write_manifest
 from ...errors import InputError, RecipeError, UnsupportedArchitectureError
 from ...progress import Progress
 from ...recipe import Recipe
-from ...source import Source
+from ...source import Source, experts_of
 from .. import ConvertOptions, Format, register_format
 from ..options import CALIBRATION_OPTION_NAMES, Option, calibration_options, resolve_options
 from .arch import ARCHITECTURES
@@ -77,7 +77,8 @@ def _architecture(source: Source):
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitectureError(f"{source.id}: GPTQ does not support model_type {model_type!r}; supported: {known}")
+        also = " (a mixture of experts: gguf:* converts it)" if experts_of(config) else ""
+        raise UnsupportedArchitectureError(f"{source.id}: GPTQ does not support model_type {model_type!r}{also}; supported: {known}")
     return ARCHITECTURES[model_type]
 
 
