@@ -151,6 +151,41 @@ def rows_for(label: str, path: Path) -> list[dict]:
     return rows
 
 
+def _config(s: dict, moe: bool) -> dict:
+    """config.json of the shape ``s`` (what `quantkit plan --estimate-only` reads)."""
+    base = {"hidden_size": s["n_embd"], "num_attention_heads": s["n_head"], "num_key_value_heads": s["n_head_kv"],
+            "num_hidden_layers": s["n_layers"], "vocab_size": s["n_vocab"], "intermediate_size": s["n_ff"],
+            "max_position_embeddings": s["n_ctx_train"], "tie_word_embeddings": False}
+    if not moe:
+        return {**base, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    return {**base, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": s["head_dim"],
+            "moe_intermediate_size": s["n_ff_exp"], "num_experts": s["n_expert"], "num_experts_per_tok": s["n_expert_used"],
+            "norm_topk_prob": True}
+
+
+PLAN_PROFILES = ("laptop-x86-16gb", "rtx-4060-8gb")
+
+
+def plan_rows(folder: Path) -> list[dict]:
+    """`quantkit plan --estimate-only` from config.json alone, for the two shapes on two profiles."""
+    import json
+
+    from quantkit.api import plan
+
+    rows = []
+    for label, shape, moe in (("Llama-3.1-8B", LLAMA_8B, False), ("Qwen3-30B-A3B", QWEN3_30B_A3B, True)):
+        source = folder / label.lower()
+        source.mkdir(parents=True, exist_ok=True)
+        (source / "config.json").write_text(json.dumps(_config(shape, moe)))
+        for profile in PLAN_PROFILES:
+            result = plan(source, profile, folder / f"plan-{label.lower()}-{profile}", estimate_only=True)
+            for c in result["candidates"]:
+                if c["recipe"] == "gguf:q4_k_m" or (c["recipe"].startswith("gguf:auto") and c["status"] == "estimated"):
+                    rows.append({"model": label, "profile": profile, "recipe": c["recipe"], "status": c["status"],
+                                 "fit": c.get("fit"), "decode": c.get("estimated_decode_tokens_per_s")})
+    return rows
+
+
 def main() -> None:
     from quantkit.api import convert
 
@@ -165,7 +200,7 @@ def main() -> None:
     moe_size = qwen3_30b_a3b_q4_k_m(moe)
     rows = (rows_for("Gemma 3 270M q4_k_m", next(gemma.glob("*.gguf"))) + rows_for("Llama-3.1-8B-shaped q4_k_m", header)
             + rows_for("Qwen3-30B-A3B-shaped q4_k_m", moe))
-    result = {"rows": rows, "llama_8b_file_bytes": size, "published_8b_file_bytes": PUBLISHED_8B_Q4_K_M_BYTES,
+    result = {"rows": rows, "plan_rows": plan_rows(out / NAME), "llama_8b_file_bytes": size, "published_8b_file_bytes": PUBLISHED_8B_Q4_K_M_BYTES,
               "qwen3_30b_a3b_file_bytes": moe_size, "published_30b_a3b_file_bytes": PUBLISHED_30B_A3B_Q4_K_M_BYTES}
     write_results(NAME, result)
     print(table(result))
@@ -192,8 +227,21 @@ def table(result: dict) -> str:
     return markdown_table(["artifact", "profile", "fit (estimated)", "decode tok/s (estimated)"], body) + note
 
 
+def plan_table(result: dict) -> str:
+    from quantkit.report.render import fit_text
+
+    body = []
+    for r in result.get("plan_rows", []):
+        fit = r["fit"] or {}
+        where = fit_text(fit, speed=False).removesuffix(" (estimated)") if fit else "-"
+        status = r["status"] if r["status"] != "estimated" else "fits"
+        body.append([r["model"], r["profile"], r["recipe"], where if "error" not in fit else status,
+                     f"{r['decode']:.1f}" if r["decode"] and "error" not in fit else "-"])
+    return markdown_table(["config.json of", "profile", "recipe", "llama.cpp fit (estimated)", "decode tok/s (estimated)"], body)
+
+
 def sections(result: dict) -> dict[str, str]:
-    return {"table": table(result)}
+    return {"table": table(result), "plan": plan_table(result)}
 
 
 if __name__ == "__main__":

@@ -364,9 +364,11 @@ def plan(
     ctx: int = 512,
     threads: int | None = None,
     progress: Progress | None = None,
+    estimate_only: bool = False,
 ) -> dict[str, Any]:
-    """Pick the best recipe for a hardware profile (see ``quantkit.plan``); resumable in ``out_dir``."""
+    """Pick the best recipe for a hardware profile (see ``quantkit.plan``); resumable in ``out_dir``.
+    ``estimate_only``: the estimates and fits alone, from the source's shape (config.json is enough)."""
     from .plan import plan as run_plan
 
     return run_plan(source, profile_name, Path(out_dir), max_kld=max_kld, min_decode_tps=min_decode_tps,
-                    ctx=ctx, threads=threads, progress=progress, convert=convert, profile=profile)
+                    ctx=ctx, threads=threads, progress=progress, estimate_only=estimate_only, convert=convert, profile=profile)

@@ -189,21 +189,23 @@ def profile(ctx, artifact, reference, eval_data, ctx_len, chunks, threads, no_la
 @click.option("--ctx", "ctx_len", type=click.IntRange(16), default=512, show_default=True, help="Context the model must fit with.")
 @click.option("-o", "--out", "out_dir", default="quantkit-plan", show_default=True, help="Folder for candidates, reports and plan.json (resumable).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads.")
+@click.option("--estimate-only", is_flag=True, help="Only the estimates and the fit on the target, from the model's shape "
+              "(a folder with config.json alone is enough); nothing is converted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.pass_context
-def plan(ctx, source, profile_name, max_kld, min_decode_tps, ctx_len, out_dir, threads, as_json):
+def plan(ctx, source, profile_name, max_kld, min_decode_tps, ctx_len, out_dir, threads, estimate_only, as_json):
     """Pick the best recipe for a hardware profile: prune by estimates, convert and profile the rest."""
     from .api import plan as run_plan
     from .progress import Progress
     from .report.render import plan_table
 
     result = run_plan(source, profile_name, out_dir, max_kld=max_kld, min_decode_tps=min_decode_tps, ctx=ctx_len,
-                      threads=threads, progress=Progress(False if ctx.obj["quiet"] or as_json else None))
+                      threads=threads, progress=Progress(False if ctx.obj["quiet"] or as_json else None), estimate_only=estimate_only)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         plan_table(result, out_dir)
-    if result["recommendation"] is None:
+    if result["recommendation"] is None and not estimate_only:
         ctx.exit(1)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,21 +72,35 @@ def auto_candidate(shape: dict[str, int], target, static: bool, ctx: int) -> Can
     for quarter in range(34, 10, -1):
         bpw = quarter / 4
         candidate = Candidate(f"gguf:auto-{bpw:g}bpw", bpw, bpw, AUTO_TENSOR_TYPES)
-        if estimate_target(_facts(candidate, shape, static), target, ctx, None)["fits"]:
+        estimate = estimate_target(_facts(candidate, shape, static), target, ctx, None)
+        if estimate["fits"] and "error" not in _fit(shape, candidate, target, estimate, ctx):
             return candidate if quarter < 34 else None
     return None
 
 
-def _shape(source) -> dict[str, int]:
-    from .runtimes.hf import config_sizes, linear_params
+def _shape(source) -> dict[str, Any]:
+    """The source's sizes for the estimates: from its tensors' shapes, or from config.json alone
+    (a shape-only source). A mixture of experts' routed experts are counted apart: all of them
+    are resident, a token reads ``expert_active`` of them."""
+    from .runtimes.hf import block_params, config_sizes
+    from .source import experts_of
 
     cfg = source.config.get("text_config") or source.config
     sizes = config_sizes(source.config)
-    n_ff = int(cfg.get("intermediate_size") or 4 * sizes["n_embd"])
+    blocks = block_params(source.config)
     embedding = sizes["n_vocab"] * sizes["n_embd"]
-    total = sum(math.prod(t.shape) for t in source.tensors.values()) or (linear_params(sizes, n_ff) + embedding)
-    return {**sizes, "linear_params": linear_params(sizes, n_ff), "embedding_params": embedding,
-            "other_params": max(0, total - embedding), "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
+    tied = bool(cfg.get("tie_word_embeddings", source.config.get("tie_word_embeddings", False)))
+    if source.tensors:
+        total = sum(math.prod(t.shape) for t in source.tensors.values())
+        routed = sum(math.prod(t.shape) for n, t in source.tensors.items() if re.search(r"\.experts\.\d+\.", n))
+    else:
+        total = sum(p for p, _ in blocks) + embedding * (1 if tied else 2)
+        routed = sum(r for _, r in blocks)
+    experts = experts_of(source.config)
+    active = experts.used / experts.count if experts else 1.0
+    return {**sizes, "linear_params": int(sum(p - r * (1 - active) for p, r in blocks)), "embedding_params": embedding,
+            "other_params": max(0, total - embedding), "routed_params": routed, "expert_active": active, "tied": tied,
+            "blocks": blocks, "config": source.config, "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
 
 
 def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
@@ -93,6 +108,7 @@ def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
 
     fmt, _, scheme = candidate.recipe.partition(":")
     weights = int(shape["other_params"] * candidate.bits_per_weight / 8 + shape["embedding_params"] * candidate.embedding_bits / 8)
+    idle = int(shape["routed_params"] * (1 - shape["expert_active"]) * candidate.bits_per_weight / 8)
     kv_per_element = 4 if fmt == "onnx" else 2
     graph: dict[str, Any] = {}
     if fmt == "onnx":
@@ -101,11 +117,31 @@ def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
                  "inputs": {**inputs, **({} if static else {"past_key_values.0.key": [1, 1, "p", 1]})},
                  "dynamic_inputs": [] if static else sorted(inputs)}
     return ArtifactFacts(
-        format=fmt, scheme=scheme, kind="decoder", weight_bytes=weights, bytes_read_per_token=weights,
+        format=fmt, scheme=scheme, kind="decoder", weight_bytes=weights, bytes_read_per_token=weights - idle,
+        idle_expert_bytes=idle, active_params=shape["linear_params"],
         kv_bytes_per_token=2 * shape["n_layers"] * shape["n_head_kv"] * shape["head_dim"] * kv_per_element,
         linear_params=shape["linear_params"], n_vocab=shape["n_vocab"], n_embd=shape["n_embd"],
         max_ctx=shape["max_ctx"] or None, gguf_tensor_types=frozenset(candidate.tensor_types), onnx_graph=graph,
     )
+
+
+def _fit(shape: dict[str, Any], candidate: Candidate, target, estimate: dict[str, Any], ctx: int) -> dict[str, Any]:
+    """llama.cpp's split of a GGUF candidate on ``target`` (GPU layers, experts in RAM, KV cache,
+    the largest context), from the source's shape; ``{"error": ...}`` where nothing fits at
+    ``ctx`` tokens or more."""
+    from .errors import InputError
+    from .hardware.fit import GGUFLayout, fit_gguf
+
+    if not any(r.name == "llama.cpp" for r in target.runtimes):
+        return {"error": f"{target.name}: no llama.cpp runtime to run a GGUF"}
+    layout = GGUFLayout.from_shape(shape["config"], shape["blocks"], candidate.bits_per_weight, candidate.embedding_bits)
+    try:
+        fit = fit_gguf(candidate.recipe, target, estimate=estimate, layout=layout)
+    except InputError as exc:
+        return {"error": str(exc)}
+    if fit["ctx"] < ctx:
+        return {"error": f"{candidate.recipe} fits {target.name} with at most {fit['ctx']:,} tokens of context, {ctx:,} asked"}
+    return fit
 
 
 def _state(path: Path, fingerprint: str) -> dict[str, Any]:
@@ -138,10 +174,15 @@ def plan(
     threads: int | None = None,
     progress=None,
     candidates: tuple[Candidate, ...] = CANDIDATES,
+    estimate_only: bool = False,
     convert: Callable[..., Any],
     profile: Callable[..., dict[str, Any]],
 ) -> dict[str, Any]:
     """Estimate, prune, convert and profile candidates; return the plan (also ``plan.json``).
+
+    ``estimate_only``: stop after the estimates (no conversion, no profile): the source may then
+    be a config.json alone, and each GGUF candidate's fit on the target (GPU layers, experts in
+    RAM, context) is given from the shape.
 
     ``convert`` and ``profile`` are the API's verbs (``quantkit.api`` passes its own), so the
     planner depends on what they do, not on the module that offers them."""
@@ -151,10 +192,10 @@ def plan(
     from .hardware.estimate import estimate_target
     from .report.gate_render import pareto_front
     from .report.render import write_json
-    from .source import resolve_source
+    from .source import experts_of, resolve_source
 
     target = load_profile(profile_name, threads)
-    src = resolve_source(source)
+    src = resolve_source(source, shape_only=estimate_only)
     if src.kind != "hf":
         raise InputError(f"{src.id}: the planner needs an HF checkpoint (GPTQ and ONNX start from one)")
     shape = _shape(src)
@@ -171,25 +212,43 @@ def plan(
     considered, queue = [], []
     if (sized := auto_candidate(shape, target, static, ctx)) is not None:
         candidates = (*candidates, sized)
+    moe = experts_of(src.config) is not None
     for cand in candidates:
         est = estimate_target(_facts(cand, shape, static), target, ctx, None)
         # converting happens here, on this machine (without verification: the profile measures)
-        peak = predict_convert_peak(src, parse_recipe(cand.recipe), verify=False)["total_bytes"]
+        peak = None if estimate_only else predict_convert_peak(src, parse_recipe(cand.recipe), verify=False)["total_bytes"]
         row = {"recipe": cand.recipe + (" --static-shapes" if static and cand.recipe.startswith("onnx:") else ""),
                "estimated_bytes": est["needed_bytes"], "fits": est["fits"], "compatible": est["compatible"],
                "reasons": est["reasons"], "estimated_decode_tokens_per_s": est.get("decode_tokens_per_s"),
                "predicted_convert_peak_bytes": peak}
+        fit = None
+        if cand.recipe.startswith("gguf:") and est["compatible"] and any(r.name == "llama.cpp" for r in target.runtimes):
+            fit = _fit(shape, cand, target, est, ctx)
+            row["fit"] = fit
         why = [] if est["fits"] else [f"does not fit ({est['needed_bytes'] / 1e9:.2f} GB > {est['usable_bytes'] / 1e9:.2f} GB usable)"]
-        if available is not None and peak > available:
+        if fit and "error" not in fit:  # llama.cpp's split (experts or layers in RAM) fits where the whole does not
+            why = []
+            row["estimated_decode_tokens_per_s"] = fit.get("decode_tokens_per_s") or row["estimated_decode_tokens_per_s"]
+        elif fit and est["fits"]:  # the estimate's memory fits, llama.cpp's split with its margins does not
+            why = [f"llama.cpp fit: {fit['error']}"]
+        if moe and not cand.recipe.startswith("gguf:"):
+            why.append(f"{cand.recipe.partition(':')[0]}: mixtures of experts are not supported (gguf is)")
+        if peak is not None and available is not None and peak > available:
             why.append(f"converting needs {peak / 1e9:.1f} GB here (predicted), {available / 1e9:.1f} GB available")
         why += est["reasons"]
         if min_decode_tps and (est.get("decode_tokens_per_s") or 0) < min_decode_tps:
             why.append(f"estimated decode {est.get('decode_tokens_per_s', 0):.1f} tok/s < {min_decode_tps}")
-        row["status"] = "pruned: " + "; ".join(why) if why else "queued"
+        row["status"] = "pruned: " + "; ".join(why) if why else ("estimated" if estimate_only else "queued")
         considered.append(row)
         if not why:
             queue.append((cand, row))
     queue.sort(key=lambda item: -(item[1]["estimated_decode_tokens_per_s"] or 0))
+    if estimate_only:
+        result = {"source": src.to_manifest(), "profile": profile_name, "ctx": ctx, "max_kld": max_kld,
+                  "min_decode_tps": min_decode_tps, "estimate_only": True, "candidates": considered, "pareto_front": [],
+                  "recommendation": None}
+        write_json(result, out_dir / "plan.json")
+        return result
 
     recommendation = None
     for cand, row in queue:

@@ -272,8 +272,11 @@ def resolve_source(
     *,
     allow_pickle: bool = False,
     revision: str | None = None,
+    shape_only: bool = False,
 ) -> Source:
-    """Turn a path, hub id or None (the embedded default model) into a validated Source."""
+    """Turn a path, hub id or None (the embedded default model) into a validated Source.
+    ``shape_only``: the model's shape is all the caller needs (estimates): a folder may hold a
+    config.json without weights, and a hub id fetches only its JSON files."""
     if spec is None or str(spec) == DEFAULT_SOURCE_ID:
         from .embedded import default_model_dir
 
@@ -282,15 +285,15 @@ def resolve_source(
     if path.is_file():
         return _gguf_source(path)
     if path.is_dir():
-        return _hf_source(path, str(spec), allow_pickle=allow_pickle)
+        return _hf_source(path, str(spec), allow_pickle=allow_pickle, shape_only=shape_only)
     if _HUB_ID.match(str(spec)) and not str(spec).startswith((".", "/")):
         repo, _, rev = str(spec).partition("@")
-        folder = _download(repo, rev or revision, allow_pickle=allow_pickle)
-        return _hf_source(folder, str(spec), allow_pickle=allow_pickle)
+        folder = _download(repo, rev or revision, allow_pickle=allow_pickle, shape_only=shape_only)
+        return _hf_source(folder, str(spec), allow_pickle=allow_pickle, shape_only=shape_only)
     raise SourceError(f"{spec}: no such file or folder, and not a hub id of the form org/name")
 
 
-def _download(repo_id: str, revision: str | None, *, allow_pickle: bool) -> Path:
+def _download(repo_id: str, revision: str | None, *, allow_pickle: bool, shape_only: bool = False) -> Path:
     """Fetch a checkpoint from the hub (or the HF cache); weights as safetensors unless allowed."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -301,7 +304,9 @@ def _download(repo_id: str, revision: str | None, *, allow_pickle: bool) -> Path
     )
 
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
-    if allow_pickle:
+    if shape_only:
+        patterns = ["*.json"]
+    elif allow_pickle:
         patterns += [f"*{s}" for s in _PICKLE_SUFFIXES]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
@@ -317,7 +322,7 @@ def _download(repo_id: str, revision: str | None, *, allow_pickle: bool) -> Path
         raise SourceError(f"{repo_id}: download failed: {exc}") from exc
 
 
-def _hf_source(folder: Path, source_id: str, *, allow_pickle: bool) -> Source:
+def _hf_source(folder: Path, source_id: str, *, allow_pickle: bool, shape_only: bool = False) -> Source:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise SourceError(f"{folder}: no config.json; not a Hugging Face checkpoint folder")
@@ -325,7 +330,10 @@ def _hf_source(folder: Path, source_id: str, *, allow_pickle: bool) -> Source:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{config_path}: not valid JSON ({exc})") from exc
-    tensors, weight_format = _index_weights(folder, allow_pickle=allow_pickle)
+    if shape_only and not any(folder.glob("*.safetensors")):
+        tensors, weight_format = {}, "none"  # config.json alone (or pickles, never opened): the shape comes from it
+    else:
+        tensors, weight_format = _index_weights(folder, allow_pickle=allow_pickle)
     name = source_id.split(":", 1)[-1].rstrip("/").split("/")[-1] or folder.name
     return Source("hf", folder, source_id, name, config, tensors, weight_format)
 

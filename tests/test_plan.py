@@ -48,3 +48,40 @@ def test_plan_prunes_before_converting(tiny_model, tmp_path, capsys):
     assert "quant type" in statuses["gguf:q8_0"]
     assert not (tmp_path / "p" / "artifacts").exists() or all(
         "q4_0" in p.name for p in (tmp_path / "p" / "artifacts").iterdir())
+
+
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 48, "vocab_size": 151936, "intermediate_size": 6144,
+                 "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+                 "max_position_embeddings": 40960, "tie_word_embeddings": False}
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,
+            "max_position_embeddings": 131072, "tie_word_embeddings": False}
+
+
+def test_estimate_only_plans_a_mixture_of_experts_from_its_config(tmp_path):
+    """config.json alone: every candidate estimated, GGUF ones fitted (experts in RAM on a GPU
+    board), the decode estimate from the bytes a token reads, nothing converted."""
+    folders = {}
+    for name, config in (("moe", QWEN3_30B_A3B), ("dense", LLAMA_8B)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "config.json").write_text(json.dumps(config))
+    plans = {(m, p): api.plan(folders[m], p, tmp_path / f"plan-{m}-{p}", estimate_only=True)
+             for m in folders for p in ("rtx-4060-8gb", "laptop-x86-16gb")}
+    rows = {key: {c["recipe"]: c for c in plan["candidates"]} for key, plan in plans.items()}
+    gpu = rows["moe", "rtx-4060-8gb"]["gguf:q4_k_m"]
+    assert gpu["status"] == "estimated" and gpu["fit"]["n_cpu_moe"] > 0 and gpu["fit"]["n_gpu_layers"] == 49
+    assert rows["moe", "rtx-4060-8gb"]["gptq:w4g128"]["status"].startswith("pruned") and "mixtures of experts" in \
+        rows["moe", "rtx-4060-8gb"]["gptq:w4g128"]["status"]
+    # 30.5B parameters in q4_k_m do not fit a 16 GB laptop; a gguf:auto mix sized for it does
+    laptop = rows["moe", "laptop-x86-16gb"]
+    assert laptop["gguf:q4_k_m"]["status"].startswith("pruned")
+    auto = next(c for r, c in laptop.items() if r.startswith("gguf:auto-"))
+    assert auto["status"] == "estimated" and "error" not in auto["fit"]
+    # the bytes a token reads: the 30B mixture (3B active) decodes faster than the dense 8B on the same CPU
+    dense = rows["dense", "laptop-x86-16gb"]["gguf:q4_k_m"]
+    assert laptop["gguf:q4_k_m"]["estimated_decode_tokens_per_s"] > 1.5 * dense["estimated_decode_tokens_per_s"]
+    assert not any((tmp_path / f"plan-{m}-{p}" / "artifacts").exists() for m, p in plans)
+    # the CLI: one table, exit 0
+    assert main(["plan", str(folders["moe"]), "--profile", "rtx-4060-8gb", "--estimate-only", "-o", str(tmp_path / "cli")]) == 0

@@ -97,6 +97,32 @@ class GGUFLayout:
             n_vocab=len(header.fields["tokenizer.ggml.tokens"]), n_ctx_train=int(hp("context_length", 0) or 4096),
             swa_layers=swa, n_swa=n_swa)
 
+    @classmethod
+    def from_shape(cls, config: dict[str, Any], blocks: list[tuple[int, int]], bits: float, embedding_bits: float) -> GGUFLayout:
+        """The layout a GGUF of ``bits`` per weight (``embedding_bits`` for the embedding and the
+        head) would have, from an HF config.json and its blocks' (weights, routed experts)
+        counts: what the planner fits before anything is converted."""
+        from ..runtimes.hf import config_sizes
+        from ..source import experts_of
+
+        cfg = config.get("text_config") or config
+        s = config_sizes(config)
+        experts = experts_of(config)
+        table = s["n_vocab"] * s["n_embd"] * embedding_bits / 8
+        if "kv_lora_rank" in cfg:  # llama.cpp caches DeepSeek's latent (and its RoPE part) as one head
+            n_head_kv, k_dim, v_dim = 1, int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"]), int(cfg["kv_lora_rank"])
+        else:
+            n_head_kv, k_dim, v_dim = s["n_head_kv"], s["head_dim"], s["head_dim"]
+        types = cfg.get("layer_types") or []
+        window = int(cfg.get("sliding_window") or 0)
+        return cls(
+            layer_bytes=[int(p * bits / 8) for p, _ in blocks], expert_bytes=[int(r * bits / 8) for _, r in blocks],
+            expert_active=experts.used / experts.count if experts else 1.0, input_bytes=int(table), output_bytes=int(table),
+            n_layers=s["n_layers"], n_head=s["n_head"], n_head_kv=n_head_kv, k_dim=k_dim, v_dim=v_dim, n_embd=s["n_embd"],
+            n_ff=int(cfg.get("intermediate_size") or 4 * s["n_embd"]), n_vocab=s["n_vocab"],
+            n_ctx_train=int(cfg.get("max_position_embeddings") or 4096),
+            swa_layers=frozenset(i for i, t in enumerate(types) if t == "sliding_attention") if window else frozenset(), n_swa=window)
+
     def kv_bytes(self, layers: range | list[int], ctx: int, kv_type: str) -> int:
         """KV cache of ``layers`` at ``ctx`` tokens (a sliding-window block caches its window and
         one batch, as llama.cpp's default non-full SWA cache)."""
@@ -141,7 +167,7 @@ def _pools(profile: HardwareProfile) -> tuple[int | None, int | None, bool]:
     return usable, None, False
 
 
-def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, estimate: dict[str, Any] | None = None,
+def fit_gguf(path: Path | str, profile: HardwareProfile, *, ctx: int | None = None, estimate: dict[str, Any] | None = None,
              layout: GGUFLayout | None = None) -> dict[str, Any]:
     """The split of the GGUF at ``path`` on ``profile``: ``n_gpu_layers``, ``kv_type``, the
     context (``ctx`` when asked, else the largest that fits, up to the training context) and the
@@ -149,6 +175,7 @@ def fit_gguf(path: Path, profile: HardwareProfile, *, ctx: int | None = None, es
     model on its accelerator) when given. An artifact that does not fit even on the CPU alone is
     an InputError naming what is missing. ``layout``: the GGUF's, when already read (one header
     read for many profiles)."""
+    path = Path(path)  # named in messages; read only when no layout is given
     layout = layout or GGUFLayout.of(path)
     llama = next((r for r in profile.runtimes if r.name == "llama.cpp" and "gguf" in r.formats), None)
     if llama is None:

@@ -208,13 +208,23 @@ def gate_table(result) -> None:
 
 
 def plan_table(result: dict, out_dir) -> None:
+    out = console()
+    if result.get("estimate_only"):  # estimates and fits only: nothing converted or profiled
+        rows = []
+        for r in result["candidates"]:
+            decode = r.get("estimated_decode_tokens_per_s")
+            rows.append([r["recipe"], _mb(r["estimated_bytes"]), "-" if decode is None else f"{decode:.1f}",
+                         fit_text(r["fit"], speed=False).removesuffix(" (estimated)") if r.get("fit") else "-", r["status"]])
+        print_table(f"quantkit plan for {result['profile']}: estimates only, from the model's shape (ctx {result['ctx']})",
+                    [("recipe", ID), ("est. memory", NUM), ("est. decode tok/s", NUM), ("llama.cpp fit (estimated)", TEXT),
+                     ("status", TEXT)], rows, out)
+        return
     rows = []
     for r in result["candidates"]:
         decode = r.get("decode_tokens_per_s") or r.get("estimated_decode_tokens_per_s")
         convert_peak = r.get("predicted_convert_peak_bytes")
         rows.append([r["recipe"], _mb(r["estimated_bytes"]), "-" if convert_peak is None else _mb(convert_peak),
                      "-" if decode is None else f"{decode:.1f}", "-" if "kld_mean" not in r else f"{r['kld_mean']:.4f}", r["status"]])
-    out = console()
     print_table(f"quantkit plan for {result['profile']} (max kld_mean {result['max_kld']}, ctx {result['ctx']})",
                 [("recipe", ID), ("est. memory", NUM), ("converting here", NUM), ("est. decode tok/s", NUM), ("kld_mean", NUM),
                  ("status", TEXT)], rows, out)

@@ -30,6 +30,33 @@ def linear_params(sizes: dict[str, int], n_ff: int, gated: bool = True) -> int:
     return sizes["n_layers"] * (attention + mlp)
 
 
+def block_params(config: dict[str, Any]) -> list[tuple[int, int]]:
+    """(weights, of which routed experts) of each decoder block, from an HF ``config.json``
+    alone: attention (grouped-query, or DeepSeek's multi-head latent attention), the dense
+    feed-forward or the router, routed experts and shared experts of a mixture of experts.
+    Norms and biases are left out (a rounding error on a model's size)."""
+    from ..source import experts_of
+
+    cfg = config.get("text_config") or config
+    sizes = config_sizes(config)
+    h, n_head = sizes["n_embd"], sizes["n_head"]
+    if "kv_lora_rank" in cfg:  # DeepSeek MLA: low-rank q (or a full one), shared kv latent, per-head up-projections
+        q_lora, kv_lora = int(cfg.get("q_lora_rank") or 0), int(cfg["kv_lora_rank"])
+        nope, rope, v = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]), int(cfg["v_head_dim"])
+        q = h * q_lora + q_lora * n_head * (nope + rope) if q_lora else h * n_head * (nope + rope)
+        attention = q + h * (kv_lora + rope) + kv_lora * n_head * (nope + v) + n_head * v * h
+    else:
+        q, kv = n_head * sizes["head_dim"], sizes["n_head_kv"] * sizes["head_dim"]
+        attention = h * (2 * q + 2 * kv)
+    dense = 3 * h * int(cfg.get("intermediate_size") or 4 * h)
+    experts = experts_of(cfg)
+    if experts is None:
+        return [(attention + dense, 0)] * sizes["n_layers"]
+    routed = 3 * h * experts.ff * experts.count
+    moe = h * experts.count + routed + 3 * h * experts.shared_ff
+    return [(attention + dense, 0) if i < experts.dense_blocks else (attention + moe, routed) for i in range(sizes["n_layers"])]
+
+
 def config_sizes(config: dict[str, Any]) -> dict[str, int]:
     """Layer count, widths and vocabulary from an HF ``config.json`` (text config if nested)."""
     cfg = config.get("text_config") or config
