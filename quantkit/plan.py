@@ -69,13 +69,17 @@ def auto_candidate(shape: dict[str, int], target, static: bool, ctx: int) -> Can
     or nothing does."""
     from .hardware.estimate import estimate_target
 
+    first = None  # the most bits whose estimate fits; better, the most that llama.cpp's split also fits
     for quarter in range(34, 10, -1):
         bpw = quarter / 4
         candidate = Candidate(f"gguf:auto-{bpw:g}bpw", bpw, bpw, AUTO_TENSOR_TYPES)
         estimate = estimate_target(_facts(candidate, shape, static), target, ctx, None)
-        if estimate["fits"] and "error" not in _fit(shape, candidate, target, estimate, ctx):
-            return candidate if quarter < 34 else None
-    return None
+        if not estimate["fits"]:
+            continue
+        first = first or (candidate if quarter < 34 else None, quarter)
+        if "error" not in _fit(shape, candidate, target, estimate, ctx):
+            return candidate if quarter < 34 and first[1] < 34 else None
+    return first[0] if first else None
 
 
 def _shape(source) -> dict[str, Any]:
@@ -229,8 +233,7 @@ def plan(
         if fit and "error" not in fit:  # llama.cpp's split (experts or layers in RAM) fits where the whole does not
             why = []
             row["estimated_decode_tokens_per_s"] = fit.get("decode_tokens_per_s") or row["estimated_decode_tokens_per_s"]
-        elif fit and est["fits"]:  # the estimate's memory fits, llama.cpp's split with its margins does not
-            why = [f"llama.cpp fit: {fit['error']}"]
+
         if moe and not cand.recipe.startswith("gguf:"):
             why.append(f"{cand.recipe.partition(':')[0]}: mixtures of experts are not supported (gguf is)")
         if peak is not None and available is not None and peak > available:

@@ -113,3 +113,26 @@ def test_moe_configs_llama_cpp_cannot_route_alike_are_refused(tiny_copy, tmp_pat
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "plain softmax" in proc.stderr, proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_importance_matrix_counts_each_experts_own_tokens(tiny_model, tmp_path, verify_texts):
+    """Stacked experts get one row of sums and one count per expert, over the tokens routed to it
+    (llama-imatrix's layout); the file reads back the same, and quantizing with it beats without."""
+    from quantkit.formats.gguf.imatrix import ImportanceMatrix
+
+    result = convert(tiny_model("qwen3_moe"), ["gguf:q3_k_m", "gguf:q3_k_m+imatrix"], tmp_path, verify_texts=verify_texts,
+                     verify_tokens=1024)
+    plain, weighted = (a.manifest["details"]["verification"]["kld_mean"] for a in result.artifacts)
+    assert weighted < plain
+    path = next(tmp_path.rglob("imatrix.gguf"))
+    matrix = ImportanceMatrix.read(path)
+    tokens = matrix.counts["blk.0.attn_q.weight"]
+    for part, width in (("gate", 64), ("up", 64), ("down", 32)):
+        name = f"blk.1.ffn_{part}_exps.weight"
+        assert matrix.sums[name].shape == (4, width) and int(matrix.counts[name].sum()) == 2 * tokens  # 2 of 4 experts a token
+    again = tmp_path / "again.gguf"
+    matrix.write(again)
+    assert ImportanceMatrix.read(again).digest() == matrix.digest()
+    reader = gguf.GGUFReader(path)
+    counts = next(t for t in reader.tensors if t.name == "blk.1.ffn_down_exps.weight.counts")
+    assert list(counts.shape) == [1, 4]  # llama.cpp's {1, n_expert}

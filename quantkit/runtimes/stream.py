@@ -165,6 +165,32 @@ def embed_compact(embed, ids, read_rows):
     return positions
 
 
+def is_experts(module) -> bool:
+    """A transformers 5 routed-experts module: stacked ``gate_up_proj`` / ``down_proj``."""
+    return hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and hasattr(module, "act_fn")
+
+
+def expert_inputs(module, args: tuple, kwargs: dict):
+    """What each routed expert of ``module`` (see :func:`is_experts`) multiplies in one call,
+    from the call's arguments (``hidden_states`` [tokens, hidden], ``top_k_index`` [tokens, k]):
+    per expert that got tokens, ``(e, x, h)`` with ``x`` its tokens' inputs to gate/up and ``h``
+    the input to its down projection, ``act(x @ gate.T) * (x @ up.T)``. GPTQ and the importance
+    matrix see each expert's own tokens only."""
+    import torch
+
+    hidden = args[0] if args else kwargs["hidden_states"]
+    index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+    hidden = hidden.reshape(-1, hidden.shape[-1]).float()
+    index = index.reshape(hidden.shape[0], -1)
+    for e in torch.unique(index).tolist():
+        if not 0 <= e < module.gate_up_proj.shape[0]:  # a padding id some routers use for dropped slots
+            continue
+        tokens = (index == e).any(dim=1).nonzero().flatten()
+        x = hidden[tokens]
+        gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e].float()).chunk(2, dim=-1)
+        yield e, x, module.act_fn(gate) * up
+
+
 @dataclass
 class BlockStep:
     """One decoder block, loaded, with the hidden states of every window that enter it.

@@ -3,7 +3,9 @@ quantizer to weigh rounding errors by.
 
 For every Linear of every decoder block: the sum over the calibration tokens of the square of
 each input column, and how many tokens were summed (the diagonal of the Hessian that GPTQ
-accumulates, from the same calibration windows). Computed on the layer-streaming engine
+accumulates, from the same calibration windows). A mixture of experts' stacked expert tensors get
+one row of sums and one count per expert, over the tokens routed to that expert (llama-imatrix's
+layout for ``ffn_*_exps``). Computed on the layer-streaming engine
 (``LayerStream.steps``: forward hooks on each block while the engine runs it, so memory follows
 one block and no block runs twice), keyed by GGUF tensor name. As llama.cpp's ``llama-imatrix``
 does, the output head is left out and the activations are the float model's.
@@ -38,20 +40,31 @@ _IN_SUM2, _COUNTS = ".in_sum2", ".counts"
 @dataclass
 class ImportanceMatrix:
     """Per GGUF weight name: float64 sums of squared inputs (one per input column) and the count
-    of tokens summed; ``datasets`` names the text, ``chunk_size`` its window length."""
+    of tokens summed; for stacked experts, sums [experts, columns] and counts [experts].
+    ``datasets`` names the text, ``chunk_size`` its window length."""
 
     sums: dict[str, np.ndarray]
-    counts: dict[str, int]
+    counts: dict[str, int | np.ndarray]
     datasets: list[str]
     chunk_size: int
 
     @property
     def chunk_count(self) -> int:
-        return max(self.counts.values(), default=0) // max(self.chunk_size, 1)
+        return int(max((np.max(c) for c in self.counts.values()), default=0)) // max(self.chunk_size, 1)
 
     def means(self) -> dict[str, np.ndarray]:
-        """float32 mean square per input column: what ``llama_model_quantize`` weighs errors by."""
-        return {name: (self.sums[name] / max(self.counts[name], 1)).astype(np.float32) for name in sorted(self.sums)}
+        """float32 mean square per input column (per expert, flattened, for stacked experts; an
+        expert that got no token weighs every column 1, as llama-quantize does): what
+        ``llama_model_quantize`` weighs errors by."""
+        out = {}
+        for name in sorted(self.sums):
+            sums, counts = self.sums[name], np.asarray(self.counts[name], dtype=np.float64)
+            if sums.ndim == 1:
+                out[name] = (sums / max(float(counts), 1.0)).astype(np.float32)
+            else:
+                mean = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 1.0)
+                out[name] = mean.astype(np.float32).reshape(-1)
+        return out
 
     def write(self, path: Path) -> None:
         """Write llama.cpp's GGUF imatrix file (the bytes ``llama-imatrix`` writes for the same data)."""
@@ -63,7 +76,8 @@ class ImportanceMatrix:
         writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, self.chunk_size)
         for name in sorted(self.sums):
             writer.add_tensor(name + _IN_SUM2, self.sums[name].astype(np.float32))
-            writer.add_tensor(name + _COUNTS, np.array([self.counts[name]], dtype=np.float32))
+            counts = np.asarray(self.counts[name], dtype=np.float32)  # [experts, 1] for stacked experts
+            writer.add_tensor(name + _COUNTS, counts.reshape(-1, 1) if self.sums[name].ndim == 2 else counts.reshape(1))
         writer.write_header_to_file(path=path)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -73,13 +87,15 @@ class ImportanceMatrix:
         """sha256 over names, counts and sums: which importance matrix a GGUF was quantized with."""
         h = hashlib.sha256()
         for name in sorted(self.sums):
-            h.update(name.encode() + b"\0" + str(self.counts[name]).encode() + b"\0")
+            counts = self.counts[name]
+            counts = str(counts) if np.ndim(counts) == 0 else ",".join(str(int(c)) for c in counts)
+            h.update(name.encode() + b"\0" + counts.encode() + b"\0")
             h.update(self.sums[name].astype(np.float32).tobytes())
         return h.hexdigest()
 
     @classmethod
     def read(cls, path: Path) -> ImportanceMatrix:
-        """A GGUF imatrix file (``llama-imatrix``'s or quantkit's); dense weights only."""
+        """A GGUF imatrix file (``llama-imatrix``'s or quantkit's)."""
         from .header import read_gguf_summary
 
         read_gguf_summary(path)  # magic, header and every tensor inside the file, or one line saying what is wrong
@@ -87,7 +103,8 @@ class ImportanceMatrix:
             reader = gguf.GGUFReader(path)
             kind = reader.get_field(gguf.Keys.General.TYPE)
             kind = kind.contents() if kind is not None else None
-            tensors = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+            tensors = {t.name: np.asarray(t.data, dtype=np.float64).reshape([int(n) for n in reversed(t.shape)])
+                       for t in reader.tensors}
             datasets = reader.get_field(gguf.Keys.IMatrix.DATASETS)
             datasets = [str(v) for v in datasets.contents()] if datasets else []
             size = reader.get_field(gguf.Keys.IMatrix.CHUNK_SIZE)
@@ -104,9 +121,13 @@ class ImportanceMatrix:
             count = tensors.get(name + _COUNTS)
             if count is None:
                 raise InputError(f"{path}: {name} has sums but no counts")
-            if data.ndim != 1 or count.size != 1:
-                raise InputError(f"{path}: {name} has per-expert sums (mixtures of experts are not read yet)")
-            sums[name], counts[name] = data, int(round(float(count.reshape(-1)[0])))
+            data = data.reshape(-1) if data.ndim == 2 and data.shape[0] == 1 and count.size == 1 else data
+            if data.ndim == 1 and count.size == 1:
+                sums[name], counts[name] = data, int(round(float(count.reshape(-1)[0])))
+            elif data.ndim == 2 and count.size == data.shape[0]:  # stacked experts: a row and a count each
+                sums[name], counts[name] = data, np.rint(count.reshape(-1)).astype(np.int64)
+            else:
+                raise InputError(f"{path}: {name} has {count.size} counts for sums of shape {data.shape}")
         return cls(sums, counts, datasets, size)
 
 
@@ -116,7 +137,7 @@ def compute_imatrix(
     """The importance matrix of ``source`` (an HF decoder) over ``windows`` of token ids."""
     import torch
 
-    from ...runtimes.stream import LayerStream
+    from ...runtimes.stream import LayerStream, expert_inputs, is_experts
     from .arch import HParams, arch_for_config
 
     if not windows:
@@ -132,12 +153,29 @@ def compute_imatrix(
         sums[name] += (x * x).sum(0, dtype=torch.float64)
         counts[name] += x.shape[0]
 
+    def record_experts(prefix: str, module, args, kwargs) -> None:
+        count = module.gate_up_proj.shape[0]
+        gate_up, down = f"{prefix}.ffn_gate_exps.weight", f"{prefix}.ffn_down_exps.weight"
+        if gate_up not in sums:
+            for name, width in ((gate_up, module.gate_up_proj.shape[2]), (f"{prefix}.ffn_up_exps.weight", module.gate_up_proj.shape[2]),
+                                (down, module.down_proj.shape[2])):
+                sums[name], counts[name] = torch.zeros(count, width, dtype=torch.float64), np.zeros(count, dtype=np.int64)
+        for e, x, h in expert_inputs(module, args, kwargs):
+            sums[gate_up][e] += (x * x).sum(0, dtype=torch.float64)
+            sums[down][e] += (h * h).sum(0, dtype=torch.float64)
+            counts[gate_up][e] += x.shape[0]
+            counts[down][e] += x.shape[0]
+
     handles: list[Any] = []
     for step in stream.steps(windows, task=task):
         for handle in handles:  # the previous block has run on every window by now
             handle.remove()
         handles = []
         for module_name, module in step.block.named_modules():
+            if is_experts(module):  # stacked routed experts: per expert, over its own tokens
+                prefix = f"blk.{step.index}"
+                handles.append(module.register_forward_pre_hook(partial(record_experts, prefix), with_kwargs=True))
+                continue
             if not isinstance(module, torch.nn.Linear):
                 continue
             hf_name = f"{stream.layout.blocks}.{step.index}.{module_name}.weight"
@@ -149,4 +187,7 @@ def compute_imatrix(
             handles.append(module.register_forward_hook(partial(record, name)))
     for handle in handles:
         handle.remove()
+    for prefix in {n.rsplit(".ffn_", 1)[0] for n in sums if n.endswith("_exps.weight")}:  # gate and up share inputs
+        sums[f"{prefix}.ffn_up_exps.weight"] = sums[f"{prefix}.ffn_gate_exps.weight"].clone()
+        counts[f"{prefix}.ffn_up_exps.weight"] = counts[f"{prefix}.ffn_gate_exps.weight"].copy()
     return ImportanceMatrix({k: v.numpy() for k, v in sums.items()}, counts, datasets, max(len(w) for w in windows))
