@@ -11,7 +11,7 @@ import sys
 import gguf
 import numpy as np
 import pytest
-from tiny_models import MOE_ARCHS
+from tiny_models import MOE_ARCHS, shared_text
 
 from quantkit.api import convert
 from quantkit.errors import UnsupportedArchitectureError
@@ -136,3 +136,87 @@ def test_importance_matrix_counts_each_experts_own_tokens(tiny_model, tmp_path, 
     reader = gguf.GGUFReader(path)
     counts = next(t for t in reader.tensors if t.name == "blk.1.ffn_down_exps.weight.counts")
     assert list(counts.shape) == [1, 4]  # llama.cpp's {1, n_expert}
+
+
+# -- GPTQ: each routed expert from its own tokens --------------------------------------------------
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_gptq_of_a_mixture_of_experts_reads_back_independently(arch, tiny_model, tmp_path):
+    """Per-expert packed Linears (the layout GPTQModel and vLLM load), every expert quantized from
+    the tokens routed to it (counts in the manifest), the router float; the GPTQ runtime's logits
+    equal the float model with the independently decoded weights."""
+    import torch
+    from test_gptq import SMALL_CALIB, read_checkpoint, read_linear
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantkit.formats import ConvertOptions, get_format
+    from quantkit.recipe import parse_recipe
+    from quantkit.runtimes import get_runtime
+    from quantkit.source import resolve_source
+
+    folder = tiny_model(arch)
+    recipe = parse_recipe("gptq:w4g32", SMALL_CALIB)
+    art = get_format("gptq").convert(resolve_source(folder), [recipe], tmp_path, ConvertOptions(verify=None))[0]
+    layers = art.manifest["details"]["layers"]
+    moe = [layer for layer in layers if "experts" in layer]
+    calibration_tokens = SMALL_CALIB["calib_samples"] * SMALL_CALIB["calib_seqlen"]
+    for layer in moe:  # 2 of 4 experts a token
+        assert sum(layer["experts"]["gate_up"]["tokens"]) == 2 * calibration_tokens
+        assert layer["experts"]["down"]["tokens"] == layer["experts"]["gate_up"]["tokens"]
+    assert len(moe) == (1 if arch == "deepseek_v3" else 2)  # DeepSeek's first block is dense
+    tensors = read_checkpoint(art.path)
+    last = len(layers) - 1
+    assert f"model.layers.{last}.mlp.experts.3.down_proj.qweight" in tensors and f"model.layers.{last}.mlp.gate.weight" in tensors
+    assert not any(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in tensors)
+    if arch == "deepseek_v3":
+        assert f"model.layers.{last}.mlp.gate.e_score_correction_bias" in tensors
+    # the float model with what the independent reader decodes
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            prefix, _, leaf = name.rpartition(".")
+            if leaf in ("gate_up_proj", "down_proj") and prefix.endswith("mlp.experts"):
+                for e in range(param.shape[0]):
+                    parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+                    param[e] = torch.cat([torch.from_numpy(read_linear(tensors, f"{prefix}.{e}.{p}", 4)["weight"]) for p in parts])
+            elif f"{prefix}.qweight" in tensors:
+                param.copy_(torch.from_numpy(read_linear(tensors, prefix, 4)["weight"]))
+            else:
+                param.copy_(param.half().float())
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(buffer.half().float())
+    tokens = AutoTokenizer.from_pretrained(folder)(shared_text("tinyshakespeare-en.txt", 2000))["input_ids"][:96]
+    runtime = get_runtime("gptq")(art.main_file, n_ctx=128, threads=1)
+    try:
+        got = runtime.logits(tokens)
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].numpy()
+        np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
+        assert sum(type(m).__name__ == "PackedExperts" for m in runtime.model.modules()) == len(moe)
+    finally:
+        runtime.close()
+
+
+def test_experts_with_too_few_tokens_are_rounded_to_nearest(tiny_model, tmp_path, monkeypatch):
+    from test_gptq import SMALL_CALIB
+
+    import quantkit.formats.gptq.sequential as sequential
+    from quantkit.formats import ConvertOptions, get_format
+    from quantkit.recipe import parse_recipe
+    from quantkit.source import resolve_source
+
+    monkeypatch.setattr(sequential, "MIN_EXPERT_TOKENS", 10**9)
+    art = get_format("gptq").convert(resolve_source(tiny_model("qwen3_moe")), [parse_recipe("gptq:w4g32", SMALL_CALIB)], tmp_path,
+                                     ConvertOptions(verify=None))[0]
+    for layer in art.manifest["details"]["layers"]:
+        assert layer["experts"]["gate_up"]["rtn_fallback"] == [0, 1, 2, 3] == layer["experts"]["down"]["rtn_fallback"]
+
+
+@pytest.mark.parametrize("recipe,words", [("onnx:int4", "ONNX does not support mixtures of experts"),
+                                          ("bnb:nf4", "bitsandbytes does not quantize the stacked experts")])
+def test_formats_without_mixture_of_experts_support_say_so_in_one_line(recipe, words, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "quantkit.cli", "-q", "convert", str(tiny_model("qwen3_moe")), "--to", recipe,
+                           "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and words in proc.stderr, proc.stderr
+    assert not out.exists() or not any(out.iterdir())

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..artifact import Artifact, atomic_dir, write_manifest
-from ..errors import InputError, RecipeError
+from ..errors import InputError, RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe
-from ..source import Source
+from ..source import Source, experts_of
 from . import ConvertOptions, Format, register_format
 
 __all__ = ["BnbFormat", "BNB_SCHEMES", "CONFIG_NAME"]
@@ -53,6 +53,9 @@ class BnbFormat(Format):
     ) -> list[Artifact]:
         if source.kind != "hf":
             raise InputError(f"{source.id}: bitsandbytes quantizes an HF checkpoint, not a {source.kind} file")
+        if experts_of(source.config):  # transformers' bitsandbytes path swaps Linears: stacked experts would stay float
+            raise UnsupportedArchitectureError(f"{source.id}: bitsandbytes does not quantize the stacked experts of a mixture "
+                                               f"of experts ({source.config.get('model_type')}); gguf:* and gptq:* convert it")
         version = _bnb_version()
         out_dir.mkdir(parents=True, exist_ok=True)
         artifacts = []

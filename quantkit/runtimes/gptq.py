@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,34 @@ def _packed_linear_class():
     return PackedLinear
 
 
+def _packed_experts_class():
+    import torch
+
+    class PackedExperts(torch.nn.Module):
+        """A mixture of experts' routed experts kept packed, one ``PackedLinear`` per expert and
+        part (gate, up, down), called as transformers' stacked experts module is: each expert
+        runs on the tokens routed to it, its weights dequantized for that call only."""
+
+        def __init__(self, experts: list[tuple[Any, Any, Any]], act_fn):
+            super().__init__()
+            self.experts = torch.nn.ModuleList(torch.nn.ModuleList(parts) for parts in experts)
+            self.act_fn = act_fn
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for e in torch.unique(top_k_index).tolist():
+                if not 0 <= e < len(self.experts):
+                    continue
+                token, slot = torch.where(top_k_index == e)
+                gate, up, down = self.experts[e]
+                x = hidden_states[token]
+                y = down(self.act_fn(gate(x)) * up(x)) * top_k_weights[token, slot, None]
+                out.index_add_(0, token, y.to(out.dtype))
+            return out
+
+    return PackedExperts
+
+
 def _half_table_modules():
     import torch
 
@@ -120,8 +149,13 @@ def load_packed_model(folder: Path):
         with safe_open(str(file), framework="pt") as fh:
             for name in fh.keys():
                 raw[name] = fh.get_tensor(name)
-    expected = {n for n, p in model.named_parameters()}
     layout = LAYOUTS.get(config.model_type, Layout())
+    # the checkpoint's name of each parameter and stored buffer (Mixtral keeps block_sparse_moe)
+    stored_names = {name: layout.checkpoint_parts(name, tuple(t.shape)) for name, t in
+                    [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))]}
+    expected = {parts[0][0]: name for name, parts in stored_names.items() if len(parts) == 1 and len(parts[0]) == 1}
+    expert_name = re.compile(rf"^(.+)\.{re.escape(layout.moe)}\.experts\.(\d+)\.({'|'.join(layout.expert_leaves)})$")
+    experts: dict[str, dict[int, dict[str, Any]]] = {}
     embed_name, head_name = layout.embed + ".weight", layout.head + ".weight"
     tables = {name: raw.pop(name) for name in (embed_name, head_name) if name in raw}
     if embed_name not in tables:
@@ -132,6 +166,10 @@ def load_packed_model(folder: Path):
         if leaf == "qweight":
             bias = raw.get(f"{prefix}.bias")
             parts = [raw[f"{prefix}.{p}"] for p in _PACKED]
+            if m := expert_name.match(prefix):  # one routed expert's part: gathered per block below
+                linear = packed_cls(*parts, None if bias is None else bias.to(torch.float32), bits)
+                experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = linear
+                continue
             owner, _, attr = prefix.rpartition(".")
             try:
                 parent = model.get_submodule(owner)
@@ -143,8 +181,23 @@ def load_packed_model(folder: Path):
             if name not in expected:
                 raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {name})")
             tensor = raw[name]
-            model.get_submodule(prefix)._parameters[leaf] = torch.nn.Parameter(tensor.to(torch.float32) if tensor.is_floating_point() else tensor, requires_grad=False)
+            owner, _, leaf = expected[name].rpartition(".")
+            module = model.get_submodule(owner)
+            if leaf in module._buffers:  # a stored buffer (DeepSeek V3's router bias)
+                module._buffers[leaf] = tensor.to(module._buffers[leaf].dtype)
+            else:
+                module._parameters[leaf] = torch.nn.Parameter(tensor.to(torch.float32) if tensor.is_floating_point() else tensor, requires_grad=False)
     raw.clear()
+    experts_cls = _packed_experts_class()
+    for owner, by_expert in experts.items():
+        try:
+            mlp = model.get_submodule(f"{owner}.mlp")
+            count = mlp.experts.gate_up_proj.shape[0]
+        except AttributeError:
+            raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected experts in {owner})") from None
+        if sorted(by_expert) != list(range(count)) or any(len(parts) != 3 for parts in by_expert.values()):
+            raise InputError(f"{folder}: {owner} has packed experts {sorted(by_expert)[:8]}; config.json says {count}, each with 3 parts")
+        mlp.experts = experts_cls([tuple(by_expert[e][leaf] for leaf in layout.expert_leaves) for e in range(count)], mlp.experts.act_fn)
     head_cls, embed_hook = _half_table_modules()
     embed = model.get_submodule(layout.embed)
     embed.register_buffer("table16", tables[embed_name], persistent=False)

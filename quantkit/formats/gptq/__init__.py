@@ -18,7 +18,7 @@ from ...artifact import Artifact, atomic_dir, write_manifest
 from ...errors import InputError, RecipeError, UnsupportedArchitectureError
 from ...progress import Progress
 from ...recipe import Recipe
-from ...source import Source, experts_of
+from ...source import Source
 from .. import ConvertOptions, Format, register_format
 from ..options import CALIBRATION_OPTION_NAMES, Option, calibration_options, resolve_options
 from .arch import ARCHITECTURES
@@ -77,8 +77,7 @@ def _architecture(source: Source):
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
-        also = " (a mixture of experts: gguf:* converts it)" if experts_of(config) else ""
-        raise UnsupportedArchitectureError(f"{source.id}: GPTQ does not support model_type {model_type!r}{also}; supported: {known}")
+        raise UnsupportedArchitectureError(f"{source.id}: GPTQ does not support model_type {model_type!r}; supported: {known}")
     return ARCHITECTURES[model_type]
 
 
@@ -133,7 +132,15 @@ def write_quantized(folder: Path, source: Source, recipe: Recipe, progress: Prog
 
         def on_block(step, codes):
             prefix = f"{blocks}{step.index}."
-            write_tensors(writer, ((prefix + k, v) for k, v in step.block.state_dict().items()), codes, bits)
+            tensors = []
+            for key, value in step.block.state_dict().items():
+                parts = stream.layout.checkpoint_parts(prefix + key, tuple(value.shape))
+                if len(parts) == 1 and len(parts[0]) == 1:  # under the checkpoint's own name (Mixtral's block_sparse_moe)
+                    tensors.append((parts[0][0], value))
+            # routed experts: one packed Linear per expert and part, as checkpoints store them
+            present = {name for name, _ in tensors}
+            tensors += [(f"{name}.weight", None) for name in codes if f"{name}.weight" not in present]
+            write_tensors(writer, tensors, codes, bits)
 
         result, calibration = quantize_source(source, recipe, stream, on_block, progress)
         write_tensors(writer, from_checkpoint(names[last + 1 :]), {}, bits)

@@ -7,6 +7,12 @@ re-running the block between groups so that each group's Hessian comes from inpu
 pass through the quantized earlier sublayers; the engine then maps the inputs through the
 quantized block to the next block's inputs. Each block's codes go to ``on_block`` (the checkpoint
 writer) as soon as they exist, so nothing of a finished block is kept.
+
+A mixture of experts' routed experts are quantized one expert at a time, each from the tokens the
+router sent it (the engine's ``expert_inputs``: its Hessian is over those tokens only, as in
+GPTQModel and llm-compressor); an expert that got fewer than :data:`MIN_EXPERT_TOKENS`
+calibration tokens is rounded to nearest instead (recorded per block in the manifest). The
+router stays float.
 """
 
 from __future__ import annotations
@@ -20,9 +26,14 @@ import torch
 
 from ...errors import ConversionError
 from .algorithm import HessianAccumulator, QuantGrid, QuantizedWeight, gptq_quantize, rtn_quantize
-from .arch import ARCHITECTURES, ArchSpec
+from .arch import ARCHITECTURES, EXPERTS_DOWN, EXPERTS_GATE_UP, ArchSpec
 
-__all__ = ["ArchSpec", "ARCHITECTURES", "GPTQSettings", "QuantizeResult", "quantize_blocks", "pick_device"]
+__all__ = ["ArchSpec", "ARCHITECTURES", "GPTQSettings", "QuantizeResult", "quantize_blocks", "pick_device", "MIN_EXPERT_TOKENS"]
+
+#: fewer calibration tokens than this routed to an expert: its Hessian would be a guess, so the
+#: expert is rounded to nearest (GPTQ on a handful of tokens overfits them)
+MIN_EXPERT_TOKENS = 16
+_MARKERS = (EXPERTS_GATE_UP, EXPERTS_DOWN)
 
 
 @dataclass(frozen=True)
@@ -48,17 +59,55 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _linears(block: torch.nn.Module, spec: ArchSpec, index: int) -> dict[str, torch.nn.Linear]:
+def _linears(block: torch.nn.Module, spec: ArchSpec, index: int) -> dict[str, Any]:
+    """The block's Linears of ``spec`` by name (its routed-experts module under each marker)."""
+    from ...runtimes.stream import is_experts
+
     found = {}
     for name in spec.linears:
         try:
-            module = block.get_submodule(name)
+            module = block.get_submodule(name.partition(":")[0])
         except AttributeError:
             module = None
-        if not isinstance(module, torch.nn.Linear):
+        ok = is_experts(module) if name in _MARKERS else isinstance(module, torch.nn.Linear)
+        if ok:
+            found[name] = module
+        elif name not in spec.optional:
             raise ConversionError(f"GPTQ: block {index} has no Linear {name!r}; its layout does not match the architecture table")
-        found[name] = module
+    if not found:
+        raise ConversionError(f"GPTQ: block {index} has none of the Linears its architecture table names")
     return found
+
+
+def _expert_weights(module, marker: str, e: int) -> list[tuple[str, torch.Tensor]]:
+    """The matrices of expert ``e`` under ``marker``: ("gate", [ff, hidden]) and ("up", ...) of
+    the stacked gate_up_proj (gate rows first), or ("down", [hidden, ff])."""
+    if marker == EXPERTS_DOWN:
+        return [("down", module.down_proj[e])]
+    ff = module.gate_up_proj.shape[1] // 2
+    return [("gate", module.gate_up_proj[e, :ff]), ("up", module.gate_up_proj[e, ff:])]
+
+
+def _quantize_experts(module, marker: str, hessians: dict[int, HessianAccumulator] | None, settings: GPTQSettings,
+                      tokens: list[int]) -> tuple[dict[tuple[int, str], QuantizedWeight], list[int], list[float]]:
+    """Quantize every expert's matrices under ``marker`` in place: GPTQ from the expert's own
+    Hessian, or round to nearest (every expert for RTN; an expert with too few tokens for GPTQ).
+    Returns codes by (expert, part), the experts rounded to nearest, the GPTQ losses."""
+    done, fallback, losses = {}, [], []
+    for e in range(module.gate_up_proj.shape[0]):
+        gptq = hessians is not None and tokens[e] >= MIN_EXPERT_TOKENS
+        if hessians is not None and not gptq:
+            fallback.append(e)
+        for part, weight in _expert_weights(module, marker, e):
+            if gptq:
+                q = gptq_quantize(weight, hessians[e].hessian, settings.grid, damp=settings.damp,
+                                  act_order=settings.act_order, static_groups=settings.static_groups)
+                losses.append(q.loss)
+            else:
+                q = rtn_quantize(weight, settings.grid)
+            weight.copy_(q.dequantized.to(weight.device))
+            done[e, part] = q
+    return done, fallback, losses
 
 
 class _GroupSeen(Exception):
@@ -74,14 +123,39 @@ def _record(hessian: HessianAccumulator, pending: set[str], name: str, module, a
         raise _GroupSeen
 
 
-def _gptq_block(step, linears: dict[str, torch.nn.Linear], spec: ArchSpec, settings: GPTQSettings, advance) -> tuple[dict, dict]:
-    """Quantize one block's Linears group by group; (codes by Linear name, per-block figures)."""
-    done: dict[str, QuantizedWeight] = {}
-    losses, raised = [], {}
+def _record_experts(hessians: dict[int, HessianAccumulator], tokens: list[int], pending: set[str], marker: str, module, args,
+                    kwargs) -> None:
+    """Forward pre-hook of a routed-experts module: add each expert's own inputs (to gate/up, or
+    to down through the already quantized gate/up) to its Hessian."""
+    from ...runtimes.stream import expert_inputs
+
+    for e, x, h in expert_inputs(module, args, kwargs):
+        inputs = h if marker == EXPERTS_DOWN else x
+        if e not in hessians:
+            hessians[e] = HessianAccumulator(inputs.shape[-1], inputs.device)
+        hessians[e].add(inputs)
+        tokens[e] += x.shape[0]
+    pending.discard(marker)
+    if not pending:
+        raise _GroupSeen
+
+
+def _gptq_block(step, linears: dict[str, Any], spec: ArchSpec, settings: GPTQSettings, advance) -> tuple[dict, dict]:
+    """Quantize one block's Linears group by group; (codes by Linear name, or by (marker,
+    expert, part) for routed experts; per-block figures)."""
+    done: dict[Any, QuantizedWeight] = {}
+    losses, raised, experts_figures = [], {}, {}
     for group in spec.sequential:
-        hessians = {name: HessianAccumulator(linears[name].in_features, step.inputs[0].device) for name in group}
+        group = tuple(name for name in group if name in linears)
+        plain = [name for name in group if name not in _MARKERS]
+        hessians: dict[str, Any] = {name: HessianAccumulator(linears[name].in_features, step.inputs[0].device) for name in plain}
+        tokens: dict[str, list[int]] = {}
         pending: set[str] = set()
-        handles = [linears[name].register_forward_hook(partial(_record, hessians[name], pending, name)) for name in group]
+        handles = [linears[name].register_forward_hook(partial(_record, hessians[name], pending, name)) for name in plain]
+        for marker in (name for name in group if name in _MARKERS):
+            hessians[marker], tokens[marker] = {}, [0] * linears[marker].gate_up_proj.shape[0]
+            handles.append(linears[marker].register_forward_pre_hook(
+                partial(_record_experts, hessians[marker], tokens[marker], pending, marker), with_kwargs=True))
         try:
             for j in range(len(step.inputs)):
                 pending.update(group)
@@ -92,7 +166,13 @@ def _gptq_block(step, linears: dict[str, torch.nn.Linear], spec: ArchSpec, setti
         finally:
             for h in handles:
                 h.remove()
-        for name in group:
+        for marker in (name for name in group if name in _MARKERS):
+            codes, fallback, expert_losses = _quantize_experts(linears[marker], marker, hessians.pop(marker), settings, tokens[marker])
+            done.update({(marker, e, part): q for (e, part), q in codes.items()})
+            losses += expert_losses
+            experts_figures[marker.partition(":")[2]] = {"tokens": tokens[marker], "rtn_fallback": fallback}
+            advance(1)
+        for name in plain:
             linear = linears[name]
             q = gptq_quantize(
                 linear.weight, hessians.pop(name).hessian, settings.grid, damp=settings.damp,
@@ -104,7 +184,8 @@ def _gptq_block(step, linears: dict[str, torch.nn.Linear], spec: ArchSpec, setti
             if q.damp > settings.damp:  # the Hessian needed more dampening than asked
                 raised[name] = q.damp
             advance(1)
-    figures = {"gptq_loss_mean": sum(losses) / len(losses), "gptq_loss_max": max(losses), **({"damp_raised": raised} if raised else {})}
+    figures = {"gptq_loss_mean": sum(losses) / len(losses), "gptq_loss_max": max(losses), **({"damp_raised": raised} if raised else {}),
+               **({"experts": experts_figures} if experts_figures else {})}
     return done, figures
 
 
@@ -132,17 +213,31 @@ def quantize_blocks(
                 if settings.method == "rtn":
                     done, figures = {}, {}
                     for name, linear in linears.items():
-                        done[name] = q = rtn_quantize(linear.weight, settings.grid)
-                        linear.weight.copy_(q.dequantized)
+                        if name in _MARKERS:
+                            codes, _, _ = _quantize_experts(linear, name, None, settings, [])
+                            done.update({(name, e, part): q for (e, part), q in codes.items()})
+                        else:
+                            done[name] = q = rtn_quantize(linear.weight, settings.grid)
+                            linear.weight.copy_(q.dequantized)
                         advance(1)
                 else:
                     done, figures = _gptq_block(step, linears, spec, settings, advance)
-            on_block(step, {f"{stream.layout.blocks}.{step.index}.{name}": q for name, q in done.items()})
+            on_block(step, {_checkpoint_name(stream.layout, step.index, key): q for key, q in done.items()})
             result.quantized_linears += len(done)
             result.layers.append({"layer": step.index, **figures})
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def _checkpoint_name(layout, index: int, key) -> str:
+    """Where a quantized matrix goes in the checkpoint: a Linear under its module path, a routed
+    expert's part under the per-expert name checkpoints use (``{moe}.experts.{e}.{leaf}``)."""
+    if isinstance(key, str):
+        return f"{layout.blocks}.{index}.{key}"
+    _, e, part = key
+    leaf = dict(zip(("gate", "up", "down"), layout.expert_leaves, strict=True))[part]
+    return f"{layout.blocks}.{index}.{layout.moe}.experts.{e}.{leaf}"
 
 
 class _NoProgress:

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from ...artifact import Artifact, atomic_dir, work_dir, write_manifest
-from ...errors import InputError, RecipeError
+from ...errors import InputError, RecipeError, UnsupportedArchitectureError
 from ...progress import Progress
 from ...recipe import Recipe
-from ...source import Source
+from ...source import Source, experts_of
 from .. import ConvertOptions, Format, register_format
 from ..options import CALIBRATION_OPTION_NAMES, Option, calibration_options, resolve_options
 
@@ -173,6 +173,9 @@ class OnnxFormat(Format):
             raise InputError(f"{source.id}: ONNX export needs an HF checkpoint folder, not a {source.kind} file")
         if source.weight_format == "pickle":
             raise InputError(f"{source.id}: ONNX export loads safetensors weights only")
+        if experts_of(source.config):  # before any work: onnxruntime-genai's builder has no such models
+            raise UnsupportedArchitectureError(f"{source.id}: ONNX does not support mixtures of experts "
+                                               f"({source.config.get('model_type')}); gguf:* and gptq:* convert it")
         kind = model_kind(source.config)
         progress = options.progress or Progress(False)
         artifacts = []
