@@ -42,6 +42,11 @@ SHAPES = {
                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # a mixture of experts: Qwen3-30B-A3B's blocks (128 experts of width 768, 8 routed a token), 4 of its 48
+    "qwen3-30b-a3b-4l": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=4,
+                             num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                             tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                             norm_topk_prob=True),
 }
 
 
@@ -65,14 +70,16 @@ def random_shaped(work: Path, name: str, seed: int = 0) -> Path:
     from tiny_models import train_byte_bpe
 
     from quantkit.formats.gptq.writer import SafetensorsShardWriter
-    from quantkit.runtimes.stream import parameters_on_meta
+    from quantkit.runtimes.stream import LAYOUTS, Layout, parameters_on_meta
 
     shape = dict(SHAPES[name])
     style = "llama-bpe" if shape["model_type"] == "llama" else "qwen2"
     tok_dir = train_byte_bpe(work / "tokenizers", style)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    config_cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[shape.pop("model_type")]
-    extra = {"rope_theta": 1_000_000.0} if config_cls is transformers.Qwen2Config else {
+    model_type = shape.pop("model_type")
+    layout = LAYOUTS.get(model_type, Layout())
+    config_cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig, "qwen3_moe": transformers.Qwen3MoeConfig}[model_type]
+    extra = {"rope_theta": 1_000_000.0} if config_cls is not transformers.LlamaConfig else {
         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
     config = config_cls(**shape, max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
@@ -88,12 +95,17 @@ def random_shaped(work: Path, name: str, seed: int = 0) -> Path:
     for key, param in model.state_dict().items():
         if tied and key == "lm_head.weight":
             continue
-        if "norm" in key:
-            values = np.ones(param.shape, dtype=np.float16)
-        else:
-            values = (rng.standard_normal(param.shape, dtype=np.float32) * 0.02).astype(np.float16)
-        writer.add(key, torch.from_numpy(values))
-        del values
+        # a stacked experts parameter is stored as checkpoints store it: one matrix per expert and part
+        parts = layout.checkpoint_parts(key, tuple(param.shape))
+        names = [n for group in parts for n in group]
+        stored = tuple(param.shape) if len(names) == 1 else (param.shape[1] // len(parts[0]), param.shape[2])
+        for name in names:
+            if "norm" in name:
+                values = np.ones(stored, dtype=np.float16)
+            else:
+                values = (rng.standard_normal(stored, dtype=np.float32) * 0.02).astype(np.float16)
+            writer.add(name, torch.from_numpy(values))
+            del values
     writer.close()
     config.architectures = [type(model).__name__]
     config.save_pretrained(tmp)

@@ -9,7 +9,9 @@ A path's peak is the largest of its phases, each a sum of what is alive at once 
   block, and, at the end, one output-head chunk and one window's logits
   (:mod:`quantkit.runtimes.stream`).
 * **GPTQ/RTN**: the engine, plus for GPTQ the Hessians of one sequential group and the
-  algorithm's work arrays for the widest Linear, for RTN the codes of the largest Linear.
+  algorithm's work arrays for the widest Linear, for RTN the codes of the largest Linear. A
+  mixture of experts' group holds one Hessian per routed expert (Qwen3-30B-A3B: 128 x 2048² float32
+  for gate/up, 2.1 GB) while they are quantized one by one.
 * **GGUF**: llama.cpp's quantizer (in its own process) holds the largest tensor as read, in
   float32 and quantized.
 * **verification / quality**: the artifact's runtime, loaded before the reference runs: the
@@ -72,11 +74,13 @@ class ModelShape:
     largest_tensor_elements: int
     widest_linear_in: int  # input features of the widest Linear (GPTQ's Hessian side)
     largest_linear_elements: int
+    expert_hessian_bytes: int = 0  # a mixture of experts: every routed expert's Hessian of one group
 
     @classmethod
     def of(cls, source: Source) -> ModelShape:
         from .runtimes.hf import config_sizes
         from .runtimes.stream import LAYOUTS, Layout, largest_block_bytes
+        from .source import experts_of
 
         sizes = config_sizes(source.config)
         cfg = source.config.get("text_config") or source.config
@@ -86,7 +90,10 @@ class ModelShape:
         linears = [t for t in tensors if t.name.startswith(layout.blocks + ".") and len(t.shape) == 2]
         largest = max(tensors, key=lambda t: elements[t.name])
         embed = source.tensors.get(layout.embed + ".weight")
+        experts = experts_of(source.config)
+        side = max(sizes["n_embd"], experts.ff) if experts else 0
         return cls(
+            expert_hessian_bytes=experts.count * side * side * 4 if experts else 0,
             n_layers=sizes["n_layers"], hidden=sizes["n_embd"], intermediate=int(cfg.get("intermediate_size") or 4 * sizes["n_embd"]),
             n_head=sizes["n_head"], n_head_kv=sizes["n_head_kv"], head_dim=sizes["head_dim"], vocab=sizes["n_vocab"],
             tied=(layout.head + ".weight") not in source.tensors,
@@ -170,7 +177,8 @@ def _gptq_work(shape: ModelShape, recipe: Recipe) -> int:
     if recipe.scheme.endswith("-rtn"):
         return 16 * shape.largest_linear_elements  # int64 codes, float32 dequantized and work copy
     n = shape.widest_linear_in
-    return int(4.25 * n * n * 4) + 4 * shape.largest_linear_elements * 4
+    work = int(4.25 * n * n * 4) + 4 * shape.largest_linear_elements * 4
+    return work + shape.expert_hessian_bytes
 
 
 def _gptq_phase(shape: ModelShape, recipe: Recipe) -> dict[str, int]:
