@@ -18,7 +18,7 @@ from .recipe import Recipe, parse_recipe
 from .source import resolve_source
 from .verify import FLOAT_KLD_LIMITS, Reference, verify_artifact
 
-__all__ = ["convert", "profile", "gate", "plan", "convert_and_gate", "policy_profiles", "list_profiles", "show_profile", "validate_profiles", "ConvertResult", "DEFAULT_RECIPES"]
+__all__ = ["convert", "profile", "gate", "plan", "ship", "convert_and_gate", "policy_profiles", "list_profiles", "show_profile", "validate_profiles", "ConvertResult", "DEFAULT_RECIPES"]
 
 DEFAULT_RECIPES = ("gguf:q4_k_m",)
 
@@ -352,6 +352,13 @@ def convert_and_gate(
         write_json(report, target)
         reports.append(report)
     return converted, gate(reports, policy, html=html, markdown=markdown)
+
+
+def ship(artifact: str | Path, profile_name: str, out_dir: str | Path, *, report: str | Path | None = None) -> dict[str, Any]:
+    """A deployment bundle of ``artifact`` for a hardware profile (see ``quantkit.ship``)."""
+    from .ship import ship as run_ship
+
+    return run_ship(artifact, profile_name, out_dir, report=report)
 
 
 def plan(

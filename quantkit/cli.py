@@ -209,6 +209,21 @@ def plan(ctx, source, profile_name, max_kld, min_decode_tps, ctx_len, out_dir, t
         ctx.exit(1)
 
 
+@cli.command()
+@click.argument("artifact")
+@click.option("--profile", "profile_name", required=True, metavar="NAME", help="Hardware profile to ship for.")
+@click.option("-o", "--out", "out_dir", required=True, help="Bundle folder to write (replaced atomically).")
+@click.option("--report", "report", default=None, help="The artifact's profile report (JSON): its quality table goes in the model card.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def ship(artifact, profile_name, out_dir, report, as_json):
+    """Write a deployment bundle: the artifact, its fit, run commands, Modelfile, model card, SHA256SUMS."""
+    from .api import ship as run_ship
+    from .report.render import ship_text
+
+    summary = run_ship(artifact, profile_name, out_dir, report=report)
+    click.echo(json.dumps(summary, indent=2) if as_json else ship_text(summary))
+
+
 @cli.group()
 def profiles() -> None:
     """Hardware profiles: the targets quantkit estimates for (profiles/*.yaml, and 'host')."""

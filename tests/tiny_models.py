@@ -69,7 +69,8 @@ def train_byte_bpe(folder: Path, style: str, vocab_size: int = 700) -> Path:
             single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
         )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token=bos)
-    hf.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     out = folder / f"tok-{style}"
     hf.save_pretrained(out)
     return out

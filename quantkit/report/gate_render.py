@@ -71,14 +71,14 @@ def render_markdown(result: GateResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(reports: list[dict[str, Any]]) -> list[str]:
+def plots(reports: list[dict[str, Any]]) -> list[str]:
     metric, ylabel = _quality_metric(reports)
     # bitsandbytes artifacts hold no weights on disk (quantized at load): no size to plot
     points = [(artifact_label(r), r["memory"]["file_bytes"] / 1e6, q) for r in reports
               if (q := _quality(r, metric)) is not None and r["artifact"]["format"] != "bnb"]
-    plots = []
+    drawn = []
     if points:
-        plots.append(scatter(points, pareto_front(points), svg_id="plot-pareto", title="size against quality loss (Pareto front in red)",
+        drawn.append(scatter(points, pareto_front(points), svg_id="plot-pareto", title="size against quality loss (Pareto front in red)",
                              xlabel="artifact size (MB)", ylabel=ylabel))
     domains = sorted({d for r in reports for d in ((r.get("quality") or {}).get("domains") or {})})
     if domains:
@@ -88,7 +88,7 @@ def _plots(reports: list[dict[str, Any]]) -> list[str]:
 
         series = {artifact_label(r): [figures(r, d).get(key) for d in domains] for r in reports}
         errors = {artifact_label(r): [(figures(r, d).get("intervals") or {}).get(key) for d in domains] for r in reports}
-        plots.append(grouped_bars(domains, series, svg_id="plot-domains", errors=errors,
+        drawn.append(grouped_bars(domains, series, svg_id="plot-domains", errors=errors,
                                   title=f"{key} per domain (error bars: 95 % interval)", ylabel=key))
     labels = [artifact_label(r) for r in reports]
     profiles = sorted({t["name"] for r in reports for t in r.get("targets", [])}, key=lambda n: (n != "host", n))
@@ -98,9 +98,9 @@ def _plots(reports: list[dict[str, Any]]) -> list[str]:
     for name in profiles:
         series[f"{name} (estimated)"] = [next((t.get("decode_tokens_per_s") for t in r.get("targets", []) if t["name"] == name), None) for r in reports]
     if series:
-        plots.append(grouped_bars(labels, series, svg_id="plot-speed", title="decode speed: measured here, estimated per profile",
+        drawn.append(grouped_bars(labels, series, svg_id="plot-speed", title="decode speed: measured here, estimated per profile",
                                   ylabel="tokens/s", hatched={k for k in series if k.endswith("(estimated)")}))
-    return plots
+    return drawn
 
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1000px;color:#222}
@@ -129,6 +129,6 @@ def render_html(result: GateResult, title: str = "quantkit release gate") -> str
 {rows}
 </table>
 <h2>Plots</h2>
-{"".join(_plots(result.reports))}
+{"".join(plots(result.reports))}
 </body></html>
 """

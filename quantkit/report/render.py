@@ -207,6 +207,16 @@ def gate_table(result) -> None:
 
 
 
+def ship_text(summary: dict) -> str:
+    """What ``quantkit ship`` wrote, in a few lines."""
+    lines = [f"bundle: {summary['bundle']} ({len(summary['files'])} files, SHA256SUMS)"]
+    if summary.get("fit"):
+        lines.append(f"  fit on {summary['profile']}: {fit_text(summary['fit'])}")
+        lines.append("  Modelfile: " + ("TEMPLATE " + summary["template_check"] if summary.get("template") else "no TEMPLATE"))
+    lines += [f"  warning: {w}" for w in summary.get("warnings", [])]
+    return "\n".join(lines)
+
+
 def plan_table(result: dict, out_dir) -> None:
     out = console()
     if result.get("estimate_only"):  # estimates and fits only: nothing converted or profiled
