@@ -158,3 +158,64 @@ def test_what_cannot_fit_is_one_line_and_writes_nothing(qwen_gguf, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "GB missing" in proc.stderr, proc.stderr
     assert not out.exists() and not any(p.name.startswith(".bundle") for p in tmp_path.iterdir())
+
+
+# -- served for real -----------------------------------------------------------------------------
+def test_bundle_is_served_by_llama_cpp_server(qwen_gguf, tiny_model, tmp_path):
+    """The bundle's own `python -m llama_cpp.server` line (on a free port) serves the model: a
+    two-turn chat is formatted exactly as transformers' apply_chat_template formats it (the same
+    prompt tokens and the same next-token log-probabilities as a plain completion of that prompt),
+    and generation stops at the end-of-turn token."""
+    import json
+    import shlex
+    import socket
+    import time
+    import urllib.request
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    bundle = tmp_path / "bundle"
+    api.ship(qwen_gguf.path, "laptop-x86-8gb", bundle)
+    line = next(t for t in (bundle / "run.sh").read_text().splitlines() if "llama_cpp.server" in t).removeprefix("# ")
+    args = shlex.split(line)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args[0], args[args.index("--port") + 1] = sys.executable, str(port)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(path, body):
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    server = subprocess.Popen(args, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode(errors="replace")[-2000:]
+            try:
+                urllib.request.urlopen(base + "/v1/models", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.25)
+        messages = [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare."},
+                    {"role": "user", "content": "When was it written?"}]
+        prompt = AutoTokenizer.from_pretrained(tiny_model("qwen2")).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        chat = post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 6, "logprobs": True, "top_logprobs": 5})
+        plain = post("/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 6, "logprobs": 5})
+        assert chat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+        assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
+        first_chat = {t["token"]: t["logprob"] for t in chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+        first_plain = plain["choices"][0]["logprobs"]["top_logprobs"][0]
+        assert first_chat.keys() == first_plain.keys() and all(abs(first_chat[k] - first_plain[k]) < 1e-4 for k in first_chat)
+        # the end-of-turn token ends the reply (and is not part of it)
+        tokens = [str(t) for t in gguf.GGUFReader(qwen_gguf.main_file).fields["tokenizer.ggml.tokens"].contents()]
+        stopped = post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 6,
+                                               "logit_bias": {str(tokens.index("<|im_end|>")): 100}})
+        assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["choices"][0]["message"]["content"] == ""
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
