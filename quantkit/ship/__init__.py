@@ -21,7 +21,6 @@ complete):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -34,7 +33,7 @@ from ..errors import InputError
 
 __all__ = ["ship"]
 
-_LIBRARY = {"gguf": "gguf", "gptq": "transformers", "onnx": "onnxruntime-genai", "bnb": "transformers"}
+_LIBRARY = {"gguf": "gguf", "gptq": "transformers", "onnx": "onnxruntime-genai"}
 _GGML_TYPE_IDS = {"f16": 1, "q8_0": 8}  # llama-cpp-python's --type_k/--type_v take ggml type ids
 
 
@@ -268,8 +267,3 @@ def _quality_table(report: dict[str, Any]) -> list[str]:
             label = "measured" if "measured" in t else "estimated"
             rows.append(f"| {t['name']} | {t['decode_tokens_per_s']:.1f} ({label}) | {t.get('prefill_tokens_per_s') or 0:.1f} ({label}) |")
     return rows
-
-
-def bundle_digest(folder: Path) -> str:
-    """sha256 over the bundle's SHA256SUMS: one value that names a bundle's exact contents."""
-    return hashlib.sha256((Path(folder) / "SHA256SUMS").read_bytes()).hexdigest()
