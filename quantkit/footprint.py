@@ -93,7 +93,9 @@ class ModelShape:
         experts = experts_of(source.config)
         side = max(sizes["n_embd"], experts.ff) if experts else 0
         return cls(
-            expert_hessian_bytes=experts.count * side * side * 4 if experts else 0,
+            # every routed expert's Hessian of the gate/up group, and the block's codes (uint8)
+            # kept for the writer until the block is done
+            expert_hessian_bytes=(experts.count * side * side * 4 + 3 * experts.count * experts.ff * sizes["n_embd"]) if experts else 0,
             n_layers=sizes["n_layers"], hidden=sizes["n_embd"], intermediate=int(cfg.get("intermediate_size") or 4 * sizes["n_embd"]),
             n_head=sizes["n_head"], n_head_kv=sizes["n_head_kv"], head_dim=sizes["head_dim"], vocab=sizes["n_vocab"],
             tied=(layout.head + ".weight") not in source.tensors,

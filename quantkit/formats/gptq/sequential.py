@@ -98,14 +98,18 @@ def _quantize_experts(module, marker: str, hessians: dict[int, HessianAccumulato
         gptq = hessians is not None and tokens[e] >= MIN_EXPERT_TOKENS
         if hessians is not None and not gptq:
             fallback.append(e)
+        hessian = hessians.pop(e, None) if hessians is not None else None  # freed once this expert is done
         for part, weight in _expert_weights(module, marker, e):
             if gptq:
-                q = gptq_quantize(weight, hessians[e].hessian, settings.grid, damp=settings.damp,
+                q = gptq_quantize(weight, hessian.hessian, settings.grid, damp=settings.damp,
                                   act_order=settings.act_order, static_groups=settings.static_groups)
                 losses.append(q.loss)
             else:
                 q = rtn_quantize(weight, settings.grid)
             weight.copy_(q.dequantized.to(weight.device))
+            # the block's parameter now holds the values; the writer needs only codes and grid
+            # (128 experts' float32 copies would double the block in memory)
+            q.dequantized = q.dequantized.new_empty(0)
             done[e, part] = q
     return done, fallback, losses
 
