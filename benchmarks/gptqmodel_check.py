@@ -14,6 +14,11 @@ calibration mix); GPTQModel ``quantize`` of the same float checkpoint on exactly
 GPTQModel loading quantkit's checkpoint on the CPU and computing logits on ``--eval-windows``
 windows of the evaluation text. Compared: GPTQModel's logits for quantkit's checkpoint against
 quantkit's own GPTQ runtime (mean KLD, which should be ~0), and each GPTQ against the float model.
+
+Mixtures of experts (``--only-moe`` runs just this part): tiny random Qwen3-MoE, Mixtral and
+DeepSeek-V3 checkpoints (tests/tiny_models.py, widths GPTQModel's CPU kernel accepts), quantkit's
+``gptq:w4g32`` of each, loaded by GPTQModel and compared with quantkit's GPTQ runtime: does the
+per-expert layout load in the consumer, and compute the same model?
 Writes benchmarks/results/gptqmodel_check.json.
 """
 
@@ -76,6 +81,53 @@ def runtime_logits(runtime, windows):
     return np.concatenate([runtime.logits(w) for w in windows]).astype(np.float32)
 
 
+MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
+
+
+def moe_cross_check(python: str, work: Path) -> list[dict]:
+    """quantkit's GPTQ of tiny MoE checkpoints, loaded by GPTQModel, against quantkit's runtime."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import TOKENIZER_FOR, build_tiny_model, shared_text, train_byte_bpe, train_spm
+
+    from quantkit.formats import ConvertOptions, get_format
+    from quantkit.recipe import parse_recipe
+    from quantkit.runtimes import get_runtime
+    from quantkit.source import resolve_source
+
+    root = work / "moe"
+    tokenizers = {"spm": lambda: train_spm(root / "spm"), "qwen2": lambda: train_byte_bpe(root, "qwen2")}
+    rows = []
+    for arch in MOE_ARCHS:
+        folder = root / arch
+        if not (folder / "config.json").is_file():
+            build_tiny_model(arch, tokenizers[TOKENIZER_FOR[arch]](), folder)
+        recipe = parse_recipe("gptq:w4g32", {"calib_samples": 8, "calib_seqlen": 64})
+        [art] = get_format("gptq").convert(resolve_source(folder), [recipe], root / "gptq", ConvertOptions(verify=None))
+        ids = AutoTokenizer.from_pretrained(folder)(shared_text("tinyshakespeare-en.txt", 4000))["input_ids"]
+        windows = [ids[:128], ids[128:256]]
+        (root / f"{arch}-windows.json").write_text(json.dumps(windows))
+        out = root / f"{arch}-gptqmodel.npy"
+        run = subprocess.run([python, str(WORKER), "logits", str(art.path), str(root / f"{arch}-windows.json"), str(out)],
+                             capture_output=True, text=True, cwd=work)
+        row = {"arch": arch, "experts": [layer.get("experts") is not None for layer in art.manifest["details"]["layers"]].count(True)}
+        if run.returncode:
+            rows.append({**row, "failed": (run.stderr or run.stdout).strip().splitlines()[-1][-300:]})
+            continue
+        runtime = get_runtime("gptq")(art.main_file, n_ctx=256, threads=1)
+        ours = runtime_logits(runtime, windows)
+        runtime.close()
+        theirs = np.load(out).astype(np.float32)
+        lp, lq = log_softmax(ours), log_softmax(theirs)
+        per_token = (np.exp(lp) * (lp - lq)).sum(-1)
+        kernels = json.loads(run.stdout.strip().splitlines()[-1])["kernels"]
+        rows.append({**row, **kld(ours, theirs), "kld_median": float(np.median(per_token)),
+                     "tokens_over_1e-2": int((per_token > 1e-2).sum()), "kernels": kernels})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", type=Path, default=REPO / ".bench-envs" / "gptqmodel")
@@ -83,6 +135,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--work", type=Path, default=REPO / "out" / "bench-gptqmodel")
+    parser.add_argument("--only-moe", action="store_true", help="run only the mixture-of-experts cross-check and merge it "
+                        "into the existing results")
     args = parser.parse_args()
 
     import numpy as np
@@ -102,6 +156,15 @@ def main() -> None:
     torch_v, gptqmodel_v, transformers_v = versions.stdout.strip().splitlines()[-1].split()  # after GPTQModel's banner
     work = args.work.resolve()  # the GPTQModel worker runs inside it
     work.mkdir(parents=True, exist_ok=True)
+    if args.only_moe:
+        existing = REPO / "benchmarks" / "results" / f"{NAME}.json"
+        payload = json.loads(existing.read_text()) if existing.is_file() else {}
+        for key in ("benchmark", "machine", "date"):  # written again by write_results
+            payload.pop(key, None)
+        payload["moe"] = moe_cross_check(python, work)
+        print(table(payload))
+        write_results(NAME, payload)
+        return
     source = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(source)
 
@@ -151,6 +214,7 @@ def main() -> None:
             {"tool": f"GPTQModel {gptqmodel_v}", "convert_wall_s": theirs[0], "convert_peak_rss_bytes": theirs[1],
              **kld(float_logits, loaded["gptqmodel"]["logits"])},
         ],
+        "moe": moe_cross_check(python, work),
     }
     print(table(payload))
     write_results(NAME, payload)
@@ -168,7 +232,15 @@ def table(result: dict) -> str:
             f"{result['calibration']['seqlen']} tokens for both.")
     if env.get("install_s"):
         out += f" Making GPTQModel's environment (`pip install {' '.join(env['packages'])}`) took {env['install_s']:.0f} s."
-    return out + "\n"
+    out += "\n"
+    if result.get("moe"):
+        rows = [[r["arch"], "failed: " + r["failed"], "-", "-", "-"] if "failed" in r else
+                [r["arch"], f"{r['kld_mean']:.1e}", f"{r['kld_median']:.1e}", f"{r['top1_agreement']:.3f}",
+                 f"{r['tokens_over_1e-2']} of {r['tokens']}"] for r in result["moe"]]
+        out += ("\nMixtures of experts: quantkit's `gptq:w4g32` of tiny random checkpoints (per-expert packed Linears), "
+                "loaded by GPTQModel on the CPU, against quantkit's GPTQ runtime:\n\n"
+                + markdown_table(["model", "mean KLD", "median KLD", "top-1", "tokens with KLD > 1e-2"], rows))
+    return out
 
 
 def sections(result: dict) -> dict[str, str]:

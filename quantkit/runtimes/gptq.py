@@ -154,7 +154,11 @@ def load_packed_model(folder: Path):
     stored_names = {name: layout.checkpoint_parts(name, tuple(t.shape)) for name, t in
                     [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))]}
     expected = {parts[0][0]: name for name, parts in stored_names.items() if len(parts) == 1 and len(parts[0]) == 1}
-    expert_name = re.compile(rf"^(.+)\.{re.escape(layout.moe)}\.experts\.(\d+)\.({'|'.join(layout.expert_leaves)})$")
+    expected.update({name: name for name, parts in stored_names.items() if len(parts) == 1})  # under the module's own name too
+    # one packed Linear per routed expert and part: transformers 5's names (what quantkit and
+    # GPTQModel 7.7 write), or the family's checkpoint names (Mixtral's block_sparse_moe w1/w3/w2)
+    expert_name = re.compile(rf"^(.+)\.(?:mlp|{re.escape(layout.moe)})\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|"
+                             rf"{'|'.join(layout.expert_leaves)})$")
     experts: dict[str, dict[int, dict[str, Any]]] = {}
     embed_name, head_name = layout.embed + ".weight", layout.head + ".weight"
     tables = {name: raw.pop(name) for name in (embed_name, head_name) if name in raw}
@@ -197,7 +201,10 @@ def load_packed_model(folder: Path):
             raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected experts in {owner})") from None
         if sorted(by_expert) != list(range(count)) or any(len(parts) != 3 for parts in by_expert.values()):
             raise InputError(f"{folder}: {owner} has packed experts {sorted(by_expert)[:8]}; config.json says {count}, each with 3 parts")
-        mlp.experts = experts_cls([tuple(by_expert[e][leaf] for leaf in layout.expert_leaves) for e in range(count)], mlp.experts.act_fn)
+        canonical = dict(zip(layout.expert_leaves, ("gate_proj", "up_proj", "down_proj"), strict=True))
+        by_expert = {e: {canonical.get(leaf, leaf): linear for leaf, linear in parts.items()} for e, parts in by_expert.items()}
+        mlp.experts = experts_cls([tuple(by_expert[e][leaf] for leaf in ("gate_proj", "up_proj", "down_proj")) for e in range(count)],
+                                  mlp.experts.act_fn)
     head_cls, embed_hook = _half_table_modules()
     embed = model.get_submodule(layout.embed)
     embed.register_buffer("table16", tables[embed_name], persistent=False)

@@ -132,12 +132,10 @@ def write_quantized(folder: Path, source: Source, recipe: Recipe, progress: Prog
 
         def on_block(step, codes):
             prefix = f"{blocks}{step.index}."
-            tensors = []
-            for key, value in step.block.state_dict().items():
-                parts = stream.layout.checkpoint_parts(prefix + key, tuple(value.shape))
-                if len(parts) == 1 and len(parts[0]) == 1:  # under the checkpoint's own name (Mixtral's block_sparse_moe)
-                    tensors.append((parts[0][0], value))
-            # routed experts: one packed Linear per expert and part, as checkpoints store them
+            # under transformers 5's module names (Mixtral's router as mlp.gate, as GPTQModel
+            # expects); a routed expert's stacked parameters are written as the packed Linears below
+            tensors = [(prefix + key, value) for key, value in step.block.state_dict().items()
+                       if not key.endswith(("experts.gate_up_proj", "experts.down_proj"))]
             present = {name for name, _ in tensors}
             tensors += [(f"{name}.weight", None) for name in codes if f"{name}.weight" not in present]
             write_tensors(writer, tensors, codes, bits)

@@ -236,12 +236,13 @@ def quantize_blocks(
 
 def _checkpoint_name(layout, index: int, key) -> str:
     """Where a quantized matrix goes in the checkpoint: a Linear under its module path, a routed
-    expert's part under the per-expert name checkpoints use (``{moe}.experts.{e}.{leaf}``)."""
+    expert's part as one Linear per expert under transformers 5's module names
+    (``mlp.experts.{e}.{gate,up,down}_proj``, for every family: GPTQModel 7.7 looks for exactly
+    these, Mixtral's too, and transformers 5 reads them)."""
     if isinstance(key, str):
         return f"{layout.blocks}.{index}.{key}"
     _, e, part = key
-    leaf = dict(zip(("gate", "up", "down"), layout.expert_leaves, strict=True))[part]
-    return f"{layout.blocks}.{index}.{layout.moe}.experts.{e}.{leaf}"
+    return f"{layout.blocks}.{index}.mlp.experts.{e}.{part}_proj"
 
 
 class _NoProgress:
