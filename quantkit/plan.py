@@ -273,10 +273,13 @@ def plan(
             write_json(state, state_file)
         est = report["targets"][0]
         kld = report["quality"]["kld_mean"]
-        row.update(kld_mean=kld, file_bytes=report["memory"]["file_bytes"], compatible=est["compatible"], fits=est["fits"],
-                   decode_tokens_per_s=est.get("decode_tokens_per_s"), report=state["done"][key]["report"],
-                   artifact=state["done"][key]["artifact"])
-        ok = est["compatible"] and est["fits"] and kld <= max_kld and (not min_decode_tps or (est.get("decode_tokens_per_s") or 0) >= min_decode_tps)
+        # a GGUF that llama.cpp runs split (layers or experts in RAM) fits, at the split's speed
+        split = est.get("fit") if isinstance(est.get("fit"), dict) and "error" not in est["fit"] else None
+        fits = est["fits"] or split is not None
+        decode = (split or {}).get("decode_tokens_per_s") or est.get("decode_tokens_per_s")
+        row.update(kld_mean=kld, file_bytes=report["memory"]["file_bytes"], compatible=est["compatible"], fits=fits,
+                   decode_tokens_per_s=decode, report=state["done"][key]["report"], artifact=state["done"][key]["artifact"])
+        ok = est["compatible"] and fits and kld <= max_kld and (not min_decode_tps or (decode or 0) >= min_decode_tps)
         row["status"] = "qualifies" if ok else "profiled: " + (f"kld_mean {kld:.4f} > {max_kld}" if kld > max_kld else "fails the target")
         if ok:
             recommendation = row
