@@ -169,6 +169,7 @@ class OnnxFormat(Format):
     ) -> list[Artifact]:
         from .export import ExportSpec, TorchExporter, model_kind
 
+        self._fusions: dict[Path, dict[str, int]] = {}  # per fused export of this run
         if source.kind != "hf":
             raise InputError(f"{source.id}: ONNX export needs an HF checkpoint folder, not a {source.kind} file")
         if source.weight_format == "pickle":
@@ -264,6 +265,16 @@ class OnnxFormat(Format):
         opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
         final = Path(out_dir) / f"{source.name}-onnx-{recipe.tag}{'-static' if opts['static_shapes'] else ''}"
         info: dict[str, Any] = {"kind": kind, "exporter": {"name": TorchExporter.name, "version": TorchExporter().version()}}
+        if kind == "encoder" and not opts["static_shapes"] and scheme.dtype == "fp32":
+            # for ONNX Runtime on a CPU or GPU: its fused attention (MiniLM: 17 % less time per
+            # call). Not for int8: ONNX Runtime's dynamic quantizer leaves the fused Attention's
+            # q/k/v weights float (no QAttention): a larger file for no measured gain. NPU
+            # compilers (static shapes, int8-static QDQ) and fp16/int4 keep the standard operators
+            fused = fp32_model.with_name("fused.onnx")
+            if not fused.is_file():
+                with progress.task("fusing attention, skip-LayerNorm and bias-GELU for ONNX Runtime"):
+                    self._fusions[fused] = quantize.fuse_for_ort(fp32_model, fused)
+            fp32_model, info["ort_fusions"] = fused, self._fusions[fused]
         with atomic_dir(final) as tmp:
             copy_model_files(fp32_model.parent, tmp)  # configs, tokenizer, pooling files
             target = tmp / MODEL_NAME

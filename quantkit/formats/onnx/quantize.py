@@ -86,6 +86,22 @@ def to_fp16(src: Path, dst: Path) -> None:
     save_model(model, dst)
 
 
+def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
+    """ONNX Runtime's fused operators for an encoder exported by torch.onnx: onnxscript's ORT
+    rewrites turn each attention subgraph into one ``com.microsoft::Attention`` (its q/k/v
+    projections in one GEMM), residual adds and LayerNorms into ``SkipLayerNormalization``, bias
+    and GELU into ``BiasGelu``. The dynamo graph has none of these patterns where ORT's own BERT
+    optimizer looks for them (it fuses no Attention there). Returns the count of each fusion made."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(src))
+    with quiet():
+        _, counts = optimize_for_ort(model)
+    ir.save(model, str(dst), external_data=f"{dst.name}.data" if _large(src) else None)
+    return {name: int(n) for name, n in sorted(counts.items()) if n}
+
+
 def int8_dynamic(src: Path, dst: Path) -> dict:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
