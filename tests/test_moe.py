@@ -220,3 +220,22 @@ def test_formats_without_mixture_of_experts_support_say_so_in_one_line(recipe, w
                            "-o", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and words in proc.stderr, proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_multi_token_prediction_layer_is_left_out(tiny_copy, tmp_path):
+    """DeepSeek-V3 and GLM-4.5 checkpoints carry a block past num_hidden_layers (MTP) that the
+    forward pass never runs: the GGUF leaves it out instead of failing on its names."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    folder = tiny_copy("deepseek_v3")
+    weights = load_file(folder / "model.safetensors")
+    last = max(int(n.split(".")[2]) for n in weights if n.startswith("model.layers."))
+    extra = {n.replace(f"model.layers.{last}.", f"model.layers.{last + 1}."): v for n, v in weights.items()
+             if n.startswith(f"model.layers.{last}.")}
+    extra[f"model.layers.{last + 1}.eh_proj.weight"] = np.zeros((64, 128), dtype=np.float32)
+    save_file({**weights, **extra}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    art = convert(folder, ["gguf:f16"], tmp_path, verify_tokens=256).artifacts[0]
+    names = {t.name for t in gguf.GGUFReader(art.main_file).tensors}
+    assert not any(n.startswith(f"blk.{last + 1}.") for n in names)
+    assert art.manifest["details"]["verification"]["kld_mean"] < 1e-3

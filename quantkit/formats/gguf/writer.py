@@ -89,7 +89,7 @@ def _plan(source: Source, arch, float_type: str) -> list[_Planned]:
     entries = [(name, (name,)) for name in source.tensors if name not in stacked] + list(stacks.items())
     plan = []
     for name, members in entries:
-        if _SKIP.search(name):
+        if _SKIP.search(name) or _beyond_blocks(name, hp.n_layers):
             continue
         infos = [source.tensors[m] for m in members]
         if any(info.dtype not in ("F32", "F16", "BF16") for info in infos):
@@ -122,6 +122,15 @@ def _plan(source: Source, arch, float_type: str) -> list[_Planned]:
     for gname, data in extra_tensors(source.config).items():
         plan.append(_Planned((), gname, data.shape, Q.F32))
     return sorted(plan, key=lambda p: _order(p.gguf_name))
+
+
+def _beyond_blocks(name: str, n_layers: int) -> bool:
+    """A block past ``num_hidden_layers``: DeepSeek V3's and GLM-4.5's multi-token-prediction
+    layer (``model.layers.61`` of DeepSeek-V3), which the model's forward pass never runs. It is
+    left out, as llama.cpp's converter leaves it out by default (a GGUF with it declares
+    ``nextn_predict_layers``, for speculative decoding)."""
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    return bool(m) and int(m.group(1)) >= n_layers
 
 
 def _gguf_name(kind: gguf.MODEL_TENSOR, block: str, suffix: str) -> str:
