@@ -232,6 +232,7 @@ def plan(
         why = [] if est["fits"] else [f"does not fit ({est['needed_bytes'] / 1e9:.2f} GB > {est['usable_bytes'] / 1e9:.2f} GB usable)"]
         if fit and "error" not in fit:  # llama.cpp's split (experts or layers in RAM) fits where the whole does not
             why = []
+            row["fits"] = True
             row["estimated_decode_tokens_per_s"] = fit.get("decode_tokens_per_s") or row["estimated_decode_tokens_per_s"]
 
         if moe and not cand.recipe.startswith("gguf:"):
@@ -239,8 +240,8 @@ def plan(
         if peak is not None and available is not None and peak > available:
             why.append(f"converting needs {peak / 1e9:.1f} GB here (predicted), {available / 1e9:.1f} GB available")
         why += est["reasons"]
-        if min_decode_tps and (est.get("decode_tokens_per_s") or 0) < min_decode_tps:
-            why.append(f"estimated decode {est.get('decode_tokens_per_s', 0):.1f} tok/s < {min_decode_tps}")
+        if min_decode_tps and (row["estimated_decode_tokens_per_s"] or 0) < min_decode_tps:  # the split's speed, where split
+            why.append(f"estimated decode {row['estimated_decode_tokens_per_s'] or 0:.1f} tok/s < {min_decode_tps}")
         row["status"] = "pruned: " + "; ".join(why) if why else ("estimated" if estimate_only else "queued")
         considered.append(row)
         if not why:
@@ -275,6 +276,8 @@ def plan(
         kld = report["quality"]["kld_mean"]
         # a GGUF that llama.cpp runs split (layers or experts in RAM) fits, at the split's speed
         split = est.get("fit") if isinstance(est.get("fit"), dict) and "error" not in est["fit"] else None
+        if split is not None and split.get("ctx", 0) < ctx:  # fits only a shorter context than asked
+            split = None
         fits = est["fits"] or split is not None
         decode = (split or {}).get("decode_tokens_per_s") or est.get("decode_tokens_per_s")
         row.update(kld_mean=kld, file_bytes=report["memory"]["file_bytes"], compatible=est["compatible"], fits=fits,

@@ -113,3 +113,6 @@ def test_mixture_of_experts_keeps_the_first_blocks_experts_in_ram(tiny_model, tm
     fit = fit_gguf(path, board, ctx=ctx, estimate=estimate)
     assert fit["n_gpu_layers"] == top and fit["n_cpu_moe"] == 1 and fit["kv_type"] == "q8_0"
     assert "of the bytes a token reads" in fit["speed_note"] and fit["decode_tokens_per_s"] < estimate["decode_tokens_per_s"]
+    # for runtimes that cannot keep experts in RAM (Ollama, llama-cpp-python's server): whole layers
+    layers = fit_gguf(path, board, ctx=ctx, estimate=estimate, cpu_moe=False)
+    assert layers["n_cpu_moe"] == 0 and layers["n_gpu_layers"] < top

@@ -159,8 +159,9 @@ def test_gptq_of_a_mixture_of_experts_reads_back_independently(arch, tiny_model,
     layers = art.manifest["details"]["layers"]
     moe = [layer for layer in layers if "experts" in layer]
     calibration_tokens = SMALL_CALIB["calib_samples"] * SMALL_CALIB["calib_seqlen"]
-    for layer in moe:  # 2 of 4 experts a token
+    for layer in moe:  # 2 of 4 experts a token; every expert saw enough tokens for GPTQ
         assert sum(layer["experts"]["gate_up"]["tokens"]) == 2 * calibration_tokens
+        assert layer["experts"]["gate_up"]["rtn_fallback"] == [] == layer["experts"]["down"]["rtn_fallback"]
         assert layer["experts"]["down"]["tokens"] == layer["experts"]["gate_up"]["tokens"]
     assert len(moe) == (1 if arch == "deepseek_v3" else 2)  # DeepSeek's first block is dense
     tensors = read_checkpoint(art.path)

@@ -219,3 +219,33 @@ def test_bundle_is_served_by_llama_cpp_server(qwen_gguf, tiny_model, tmp_path):
     finally:
         server.terminate()
         server.communicate(timeout=30)
+
+
+def test_bundle_never_replaces_a_folder_it_did_not_write(qwen_gguf, tmp_path):
+    from quantkit.errors import InputError
+
+    crowded = tmp_path / "models"
+    crowded.mkdir()
+    (crowded / "someone-elses.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not an earlier quantkit bundle"):
+        api.ship(qwen_gguf.path, "rtx-4060-8gb", crowded)
+    assert (crowded / "someone-elses.txt").read_text() == "keep me"
+    with pytest.raises(InputError, match="would replace the artifact"):
+        api.ship(qwen_gguf.path, "rtx-4060-8gb", qwen_gguf.path.parent)
+    assert qwen_gguf.main_file.is_file()
+    bundle = tmp_path / "bundle"
+    api.ship(qwen_gguf.path, "rtx-4060-8gb", bundle)
+    api.ship(qwen_gguf.path, "laptop-x86-8gb", bundle)  # an earlier bundle: replaced
+    assert "laptop-x86-8gb" in (bundle / "README.md").read_text()
+
+
+def test_a_report_of_another_artifact_is_refused(qwen_gguf, tiny_model, tmp_path):
+    from quantkit.errors import InputError
+    from quantkit.report.render import write_json
+
+    other = api.convert(tiny_model("qwen2"), ["gguf:q4_0"], tmp_path / "o", verify=False).artifacts[0]
+    path = tmp_path / "other.json"
+    write_json(api.profile(other.path, chunks=1, latency=False), path)
+    with pytest.raises(InputError, match="another artifact"):
+        api.ship(qwen_gguf.path, "rtx-4060-8gb", tmp_path / "b", report=path)
+    assert not (tmp_path / "b").exists()

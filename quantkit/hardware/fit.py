@@ -168,13 +168,14 @@ def _pools(profile: HardwareProfile) -> tuple[int | None, int | None, bool]:
 
 
 def fit_gguf(path: Path | str, profile: HardwareProfile, *, ctx: int | None = None, estimate: dict[str, Any] | None = None,
-             layout: GGUFLayout | None = None) -> dict[str, Any]:
+             layout: GGUFLayout | None = None, cpu_moe: bool = True) -> dict[str, Any]:
     """The split of the GGUF at ``path`` on ``profile``: ``n_gpu_layers``, ``kv_type``, the
     context (``ctx`` when asked, else the largest that fits, up to the training context) and the
     bytes on each pool; speeds estimated from ``estimate`` (the target's estimate for the whole
     model on its accelerator) when given. An artifact that does not fit even on the CPU alone is
     an InputError naming what is missing. ``layout``: the GGUF's, when already read (one header
-    read for many profiles)."""
+    read for many profiles). ``cpu_moe=False``: whole layers only, for runtimes that cannot keep a
+    mixture of experts' experts in RAM (Ollama, llama-cpp-python's server)."""
     path = Path(path)  # named in messages; read only when no layout is given
     layout = layout or GGUFLayout.of(path)
     llama = next((r for r in profile.runtimes if r.name == "llama.cpp" and "gguf" in r.formats), None)
@@ -202,7 +203,7 @@ def fit_gguf(path: Path | str, profile: HardwareProfile, *, ctx: int | None = No
                 best = (ngl, kv_type, 0)
             if best and best[0] == top:
                 return best
-        if separate and offloads and any(layout.expert_bytes):
+        if cpu_moe and separate and offloads and any(layout.expert_bytes):
             # the fewest blocks' experts in RAM, a q8_0 cache when it keeps more of them on the GPU
             splits = [(n, kv_type) for kv_type in KV_TYPES
                       for n in [next((n for n in range(1, layout.n_layers + 1) if fits(top, n_ctx, kv_type, n)), None)] if n]

@@ -50,12 +50,13 @@ def ship(artifact: str | Path, profile_name: str, out_dir: str | Path, *, report
     if fmt == "bnb":
         raise InputError(f"{folder}: a bitsandbytes artifact is an in-memory reference with no weights to ship")
     profile = load_profile(profile_name)
-    quality = _read_report(report) if report else None
     main = manifest.get("main_file", manifest["files"][0]["path"])
+    quality = _read_report(report, manifest, main) if report else None
     summary: dict[str, Any] = {"artifact": str(folder), "profile": profile.name, "format": fmt, "warnings": []}
+    out = Path(out_dir)
+    _check_out(out, folder)
     if fmt == "gguf":
         summary.update(_gguf(folder / main, profile))
-    out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model = tmp / "model"
         model.mkdir()
@@ -75,6 +76,19 @@ def ship(artifact: str | Path, profile_name: str, out_dir: str | Path, *, report
     summary["bundle"] = str(out)
     summary["files"] = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     return summary
+
+
+def _check_out(out: Path, artifact: Path) -> None:
+    """The bundle folder replaces ``out`` whole: only an earlier bundle may be there (never a
+    folder of other files, and never the artifact or a folder holding it)."""
+    out, artifact = out.resolve(), artifact.resolve()
+    if out == artifact or out in artifact.parents:
+        raise InputError(f"{out}: the bundle folder would replace the artifact it ships; choose another -o")
+    if out.exists():
+        earlier = out.is_dir() and (out / "SHA256SUMS").is_file() and (out / "model" / MANIFEST_NAME).is_file()
+        if not earlier and (not out.is_dir() or any(out.iterdir())):
+            raise InputError(f"{out}: exists and is not an earlier quantkit bundle; the bundle replaces its folder whole, "
+                             "so give a new or empty folder")
 
 
 def _place(source: Path, target: Path) -> None:
@@ -104,6 +118,9 @@ def _gguf(path: Path, profile) -> dict[str, Any]:
     if not estimate["compatible"]:
         raise InputError(f"{path.name} cannot run on {profile.name}: {'; '.join(estimate['reasons'])}")
     fit = fit_gguf(path, profile, estimate=estimate)  # does not fit even on the CPU: one line, exit 2
+    # Ollama and llama-cpp-python's server cannot keep experts in RAM: they get the best split of
+    # whole layers instead (with experts in RAM that fit is llama-server's alone)
+    layers_only = fit_gguf(path, profile, estimate=estimate, cpu_moe=False) if fit.get("n_cpu_moe") else fit
     fields = read_header(path).fields
     tokens = _token_texts(path)
 
@@ -113,10 +130,11 @@ def _gguf(path: Path, profile) -> dict[str, Any]:
 
     adds_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True))
     translation = translate(fields.get("tokenizer.chat_template"), bos=token("bos"), eos=token("eos"), adds_bos=adds_bos)
-    stop = tuple(t for t in translation.stop if t in set(tokens))
+    vocabulary = set(tokens)
+    stop = tuple(t for t in translation.stop if t in vocabulary)
     warnings = [] if translation.template else [f"no TEMPLATE in the Modelfile: {translation.why}; Ollama falls back to its own"]
-    return {"fit": fit, "template": translation.template, "template_check": translation.why, "stop": list(stop),
-            "warnings": warnings}
+    return {"fit": fit, "fit_layers_only": layers_only, "template": translation.template, "template_check": translation.why,
+            "stop": list(stop), "warnings": warnings}
 
 
 def _token_texts(path: Path) -> list[str]:
@@ -128,7 +146,7 @@ def _token_texts(path: Path) -> list[str]:
 
 
 def _modelfile(main: str, summary: dict[str, Any]) -> str:
-    fit = summary["fit"]
+    fit = summary["fit_layers_only"]
     lines = [f"FROM ./model/{main}"]
     if summary["template"]:
         lines.append(f'TEMPLATE """{summary["template"]}"""')
@@ -143,21 +161,23 @@ def _commands(fmt: str, main: str, summary: dict[str, Any], manifest: dict[str, 
     """Command lines that run the artifact as fitted (GGUF) or as its runtime expects."""
     path = f"model/{main}"
     if fmt == "gguf":
-        fit = summary["fit"]
+        fit, layers = summary["fit"], summary["fit_layers_only"]
         server = ["llama-server", "-m", path, "-ngl", str(fit["n_gpu_layers"]), "-c", str(fit["ctx"])]
-        python = ["python", "-m", "llama_cpp.server", "--model", path, "--n_gpu_layers", str(fit["n_gpu_layers"]),
-                  "--n_ctx", str(fit["ctx"])]
+        python = ["python", "-m", "llama_cpp.server", "--model", path, "--n_gpu_layers", str(layers["n_gpu_layers"]),
+                  "--n_ctx", str(layers["ctx"])]
         if fit["kv_type"] != "f16":
             server += ["--cache-type-k", fit["kv_type"], "--cache-type-v", fit["kv_type"], "-fa", "on"]
-            python += ["--type_k", str(_GGML_TYPE_IDS[fit["kv_type"]]), "--type_v", str(_GGML_TYPE_IDS[fit["kv_type"]]),
+        if layers["kv_type"] != "f16":
+            python += ["--type_k", str(_GGML_TYPE_IDS[layers["kv_type"]]), "--type_v", str(_GGML_TYPE_IDS[layers["kv_type"]]),
                        "--flash_attn", "true"]
-        comments = [f"fitted to {summary['profile']} (estimated): see README.md"]
+        comments = [f"fitted to {summary['profile']} (estimated): see README.md", 'run from the bundle folder: cd "$(dirname "$0")"']
         if fit.get("n_cpu_moe"):
             server += ["--n-cpu-moe", str(fit["n_cpu_moe"])]
-            comments.append("llama-cpp-python's server has no --n-cpu-moe: its line offloads the layers only")
+            comments.append("llama-cpp-python's server and Ollama cannot keep experts in RAM: their lines use the best "
+                            f"split of whole layers (-ngl {layers['n_gpu_layers']}, -c {layers['ctx']})")
         server += ["--host", "127.0.0.1", "--port", "8080"]
         python += ["--host", "127.0.0.1", "--port", "8080"]
-        return {"lines": [shlex.join(server), "# or, with llama-cpp-python[server]:", "# " + shlex.join(python)],
+        return {"lines": ['cd "$(dirname "$0")"', shlex.join(server), "# or, with llama-cpp-python[server]:", "# " + shlex.join(python)],
                 "comments": comments, "commands": [shlex.join(server), shlex.join(python)]}
     if fmt == "gptq":
         vllm = ["vllm", "serve", "model", "--quantization", "gptq", "--host", "127.0.0.1", "--port", "8000"]
@@ -180,11 +200,17 @@ def _commands(fmt: str, main: str, summary: dict[str, Any], manifest: dict[str, 
 
 
 # -- the model card ---------------------------------------------------------------------------------
-def _read_report(path: str | Path) -> dict[str, Any]:
+def _read_report(path: str | Path, manifest: dict[str, Any], main: str) -> dict[str, Any]:
+    """The artifact's own profile report (its main file's sha256 must match): its quality goes in
+    the card as measured, so a report of another artifact is refused."""
     from ..gate import read_report
     from ..report.gate_render import plots
 
     report = read_report(path)
+    shipped = next((f["sha256"] for f in manifest["files"] if f["path"] == main), None)
+    profiled = [f.get("sha256") for f in ((report.get("artifact") or {}).get("manifest") or {}).get("files", [])]
+    if shipped not in profiled:
+        raise InputError(f"{path}: a profile report of another artifact (its files' sha256 differ from the one shipped)")
     drawn = plots([report])  # size against KLD first, then KLD per domain with its intervals
     return {"report": report, "svg": drawn[0] if drawn else None}
 

@@ -96,6 +96,8 @@ def _parse_if(condition: str, tokens, i) -> _Node:
     node = _Node("if", None, body)
     if end.startswith("else"):
         rest = end[4:].strip()
+        if rest and not rest.startswith("if "):
+            raise TemplateError(f"{{{{{end}}}}} is not supported")
         if rest.startswith("if "):
             nested = _parse_if(rest[3:].strip(), tokens, i)
             i = nested.arg[1]
@@ -169,7 +171,12 @@ class _Eval:
 
     def value(self, token: str, dot: Any) -> Any:
         if token.startswith('"'):
-            return bytes(token[1:-1], "utf-8").decode("unicode_escape")
+            import json
+
+            try:  # Go's interpreted string literals escape as JSON's do for what templates use
+                return json.loads(token)
+            except ValueError as exc:
+                raise TemplateError(f"cannot read the string {token}") from exc
         if token.startswith("`"):
             return token[1:-1]
         if re.fullmatch(r"-?\d+", token):
@@ -231,7 +238,7 @@ def _run(nodes: list[_Node], ev: _Eval, dot: Any, out: list[str]) -> None:
             out.append(node.arg)
         elif node.kind == "expr":
             value = ev.expr(_lex(node.arg), dot)
-            out.append("" if value is None else str(value))
+            out.append("" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
         elif node.kind == "assign":
             name, op = node.names
             value = ev.expr(_lex(node.arg), dot)

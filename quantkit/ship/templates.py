@@ -101,10 +101,10 @@ def render_jinja(source: str, messages: list[dict[str, str]], *, bos: str = "", 
 
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     return env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          bos_token=bos, eos_token=eos)
+                                          bos_token=bos, eos_token=eos, tools=None, documents=None)
 
 
 def _go_data(conversation) -> dict[str, Any]:
@@ -115,8 +115,6 @@ def _go_data(conversation) -> dict[str, Any]:
 
 def translate(source: str | None, *, bos: str = "", eos: str = "", adds_bos: bool = True) -> Translation:
     """The Go TEMPLATE that renders every probe conversation as the Jinja ``source`` does."""
-    from jinja2 import TemplateError as JinjaError
-
     if not source:
         return Translation(None, None, (eos,) if eos else (), "the checkpoint has no chat template")
     family = next((name for name, (marker, _, _) in FAMILIES.items() if marker in source), None)
@@ -129,7 +127,7 @@ def translate(source: str | None, *, bos: str = "", eos: str = "", adds_bos: boo
     for conversation in PROBES:
         try:
             text = render_jinja(source, [{"role": r, "content": c} for r, c in conversation], bos=bos, eos=eos)
-        except JinjaError:  # a role the template refuses (e.g. no system role): not checked
+        except Exception:  # noqa: BLE001 (an untrusted template: a role it refuses, or any error of its own) not checked
             skipped += 1
             continue
         if adds_bos and bos and text.startswith(bos):  # llama.cpp adds BOS when it tokenizes the prompt
@@ -159,11 +157,9 @@ def _between(source: str, head: str, tail: str, bos: str, eos: str) -> str | Non
     """What a template writes between ``head`` and ``tail`` for a conversation of one user turn:
     the system prompt it inserts when there is none (Qwen 2.5), the preamble of its system header
     (Llama 3.1); None where there is none, or it is not plain text."""
-    from jinja2 import TemplateError as JinjaError
-
     try:
         text = render_jinja(source, [{"role": "user", "content": "x"}], bos=bos, eos=eos, add_generation_prompt=False)
-    except JinjaError:
+    except Exception:  # noqa: BLE001 (an untrusted template's own error)
         return None
     start = text.find(head)
     end = text.find(tail, start + len(head)) if start >= 0 else -1

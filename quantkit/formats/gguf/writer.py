@@ -176,13 +176,17 @@ def write_float_gguf(
     writer.write_ti_data_to_file()
     with source.open_tensors() as reader:
         for p in plan:
-            if not p.sources:
-                pieces = [extras[p.gguf_name]]
-            elif p.part >= 0:
-                pieces = [split_kv_b(reader.get(p.sources[0]), source.config)[p.part]]
-            else:  # one tensor, or a stack of experts read and written one at a time
+            if len(p.sources) > 1:  # a stack of experts, read and written one expert at a time
                 pieces = (transform_tensor(arch, name, reader.get(name), source.config) for name in p.sources)
-            _write_pieces(writer, (np.ascontiguousarray(_cast(piece, p.qtype)) for piece in pieces))
+                _write_pieces(writer, (np.ascontiguousarray(_cast(piece, p.qtype)) for piece in pieces))
+            else:
+                if not p.sources:
+                    data = extras[p.gguf_name]
+                elif p.part >= 0:
+                    data = split_kv_b(reader.get(p.sources[0]), source.config)[p.part]
+                else:
+                    data = transform_tensor(arch, p.sources[0], reader.get(p.sources[0]), source.config)
+                writer.write_tensor_data(np.ascontiguousarray(_cast(data, p.qtype)))
             if advance:
                 advance(1)
     writer.close()

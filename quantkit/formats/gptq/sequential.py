@@ -76,6 +76,11 @@ def _linears(block: torch.nn.Module, spec: ArchSpec, index: int) -> dict[str, An
             raise ConversionError(f"GPTQ: block {index} has no Linear {name!r}; its layout does not match the architecture table")
     if not found:
         raise ConversionError(f"GPTQ: block {index} has none of the Linears its architecture table names")
+    # a block's feed-forward is routed experts or a dense MLP: never neither (experts left float
+    # in a "GPTQ" checkpoint, were transformers to change how it lays them out)
+    markers = [m for m in _MARKERS if m in spec.linears]
+    if markers and not all(m in found for m in markers) and "mlp.gate_proj" not in found:
+        raise ConversionError(f"GPTQ: block {index} has neither routed experts quantkit recognises nor a dense MLP")
     return found
 
 
@@ -89,11 +94,12 @@ def _expert_weights(module, marker: str, e: int) -> list[tuple[str, torch.Tensor
 
 
 def _quantize_experts(module, marker: str, hessians: dict[int, HessianAccumulator] | None, settings: GPTQSettings,
-                      tokens: list[int]) -> tuple[dict[tuple[int, str], QuantizedWeight], list[int], list[float]]:
+                      tokens: list[int]) -> tuple[dict[tuple[int, str], QuantizedWeight], list[int], list[float], dict[str, float]]:
     """Quantize every expert's matrices under ``marker`` in place: GPTQ from the expert's own
     Hessian, or round to nearest (every expert for RTN; an expert with too few tokens for GPTQ).
-    Returns codes by (expert, part), the experts rounded to nearest, the GPTQ losses."""
-    done, fallback, losses = {}, [], []
+    Returns codes by (expert, part), the experts rounded to nearest, the GPTQ losses, and the
+    dampening raised above the setting, by expert and part."""
+    done, fallback, losses, raised = {}, [], [], {}
     for e in range(module.gate_up_proj.shape[0]):
         gptq = hessians is not None and tokens[e] >= MIN_EXPERT_TOKENS
         if hessians is not None and not gptq:
@@ -104,6 +110,8 @@ def _quantize_experts(module, marker: str, hessians: dict[int, HessianAccumulato
                 q = gptq_quantize(weight, hessian.hessian, settings.grid, damp=settings.damp,
                                   act_order=settings.act_order, static_groups=settings.static_groups)
                 losses.append(q.loss)
+                if q.damp > settings.damp:
+                    raised[f"experts.{e}.{part}"] = q.damp
             else:
                 q = rtn_quantize(weight, settings.grid)
             weight.copy_(q.dequantized.to(weight.device))
@@ -111,7 +119,7 @@ def _quantize_experts(module, marker: str, hessians: dict[int, HessianAccumulato
             # (128 experts' float32 copies would double the block in memory)
             q.dequantized = q.dequantized.new_empty(0)
             done[e, part] = q
-    return done, fallback, losses
+    return done, fallback, losses, raised
 
 
 class _GroupSeen(Exception):
@@ -171,9 +179,11 @@ def _gptq_block(step, linears: dict[str, Any], spec: ArchSpec, settings: GPTQSet
             for h in handles:
                 h.remove()
         for marker in (name for name in group if name in _MARKERS):
-            codes, fallback, expert_losses = _quantize_experts(linears[marker], marker, hessians.pop(marker), settings, tokens[marker])
+            codes, fallback, expert_losses, expert_raised = _quantize_experts(linears[marker], marker, hessians.pop(marker), settings,
+                                                                              tokens[marker])
             done.update({(marker, e, part): q for (e, part), q in codes.items()})
             losses += expert_losses
+            raised.update(expert_raised)
             experts_figures[marker.partition(":")[2]] = {"tokens": tokens[marker], "rtn_fallback": fallback}
             advance(1)
         for name in plain:
@@ -218,7 +228,7 @@ def quantize_blocks(
                     done, figures = {}, {}
                     for name, linear in linears.items():
                         if name in _MARKERS:
-                            codes, _, _ = _quantize_experts(linear, name, None, settings, [])
+                            codes, _, _, _ = _quantize_experts(linear, name, None, settings, [])
                             done.update({(name, e, part): q for (e, part), q in codes.items()})
                         else:
                             done[name] = q = rtn_quantize(linear.weight, settings.grid)

@@ -58,6 +58,9 @@ OPTIONS: dict[str, Option] = {
     # int4/int8 decoders: the output head (and a tied embedding) in the recipe's bits ("same"), in
     # int8, or float (as GPTQ leaves it); default: int8 for -gptq, else same
     "head": Option(None, "choice", choices=lambda: ("same", "int8", "float")),
+    # fp32 encoders (dynamic shapes): ONNX Runtime's fused operators (com.microsoft Attention,
+    # SkipLayerNormalization, BiasGelu); off for a runtime other than ONNX Runtime
+    "ort_fusions": Option(True, "bool"),
     # calibration of int8-static and int4-gptq (the same text mix as GPTQ, disjoint from the evaluation text)
     **calibration_options(samples=16, seqlen=256),
 }
@@ -112,6 +115,8 @@ def _recipe_options(scheme: OnnxScheme, options: Mapping[str, Any]) -> tuple[tup
     values = resolve_options("ONNX", OPTIONS, options)
     if values["accuracy_level"] is not None and values["accuracy_level"] > 4:
         raise RecipeError(f"ONNX option accuracy_level={values['accuracy_level']}: expected 0 to 4")
+    if scheme.dtype != "fp32" or values["static_shapes"]:
+        del values["ort_fusions"]
     if scheme.dtype not in ("int4", "int8"):
         del values["accuracy_level"], values["head"]
     elif values["head"] is None:
@@ -169,7 +174,6 @@ class OnnxFormat(Format):
     ) -> list[Artifact]:
         from .export import ExportSpec, TorchExporter, model_kind
 
-        self._fusions: dict[Path, dict[str, int]] = {}  # per fused export of this run
         if source.kind != "hf":
             raise InputError(f"{source.id}: ONNX export needs an HF checkpoint folder, not a {source.kind} file")
         if source.weight_format == "pickle":
@@ -181,6 +185,7 @@ class OnnxFormat(Format):
         progress = options.progress or Progress(False)
         artifacts = []
         exports: dict[tuple, Path] = {}  # one float32 torch.onnx export per (shapes, opset)
+        fusions: dict[Path, dict[str, int]] = {}  # the fused copy of an export, made once
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with work_dir(out_dir, "quantkit-onnx") as work:
             for recipe in recipes:
@@ -201,7 +206,7 @@ class OnnxFormat(Format):
                     folder = Path(work) / f"export-{len(exports)}"
                     with progress.task(f"exporting {source.name} to ONNX with torch.onnx ({'static' if static else 'dynamic'} shapes)"):
                         exports[key] = TorchExporter().export(source.path, folder, spec)
-                artifacts.append(self._derive(source, recipe, exports[key], kind, out_dir, options, progress))
+                artifacts.append(self._derive(source, recipe, exports[key], kind, out_dir, options, progress, fusions))
         return artifacts
 
     def _build(self, source, recipe, scheme: OnnxScheme, opts, work: Path, out_dir, options, progress) -> Artifact:
@@ -257,7 +262,7 @@ class OnnxFormat(Format):
             info["calibration"] = artifact.manifest["details"]["calibration"]
         return artifact.path, info
 
-    def _derive(self, source, recipe, fp32_model: Path, kind, out_dir, options, progress) -> Artifact:
+    def _derive(self, source, recipe, fp32_model: Path, kind, out_dir, options, progress, fusions: dict[Path, dict[str, int]]) -> Artifact:
         from . import quantize
         from .export import TorchExporter, copy_model_files
 
@@ -265,16 +270,16 @@ class OnnxFormat(Format):
         opts = {**OPTION_DEFAULTS, **dict(recipe.options)}
         final = Path(out_dir) / f"{source.name}-onnx-{recipe.tag}{'-static' if opts['static_shapes'] else ''}"
         info: dict[str, Any] = {"kind": kind, "exporter": {"name": TorchExporter.name, "version": TorchExporter().version()}}
-        if kind == "encoder" and not opts["static_shapes"] and scheme.dtype == "fp32":
+        if kind == "encoder" and not opts["static_shapes"] and scheme.dtype == "fp32" and opts["ort_fusions"]:
             # for ONNX Runtime on a CPU or GPU: its fused attention (MiniLM: 17 % less time per
             # call). Not for int8: ONNX Runtime's dynamic quantizer leaves the fused Attention's
             # q/k/v weights float (no QAttention): a larger file for no measured gain. NPU
             # compilers (static shapes, int8-static QDQ) and fp16/int4 keep the standard operators
             fused = fp32_model.with_name("fused.onnx")
-            if not fused.is_file():
+            if fused not in fusions:
                 with progress.task("fusing attention, skip-LayerNorm and bias-GELU for ONNX Runtime"):
-                    self._fusions[fused] = quantize.fuse_for_ort(fp32_model, fused)
-            fp32_model, info["ort_fusions"] = fused, self._fusions[fused]
+                    fusions[fused] = quantize.fuse_for_ort(fp32_model, fused)
+            fp32_model, info["ort_fusions"] = fused, fusions[fused]
         with atomic_dir(final) as tmp:
             copy_model_files(fp32_model.parent, tmp)  # configs, tokenizer, pooling files
             target = tmp / MODEL_NAME
