@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,17 +68,19 @@ def auto_candidate(shape: dict[str, int], target, static: bool, ctx: int) -> Can
     or nothing does."""
     from .hardware.estimate import estimate_target
 
-    first = None  # the most bits whose estimate fits; better, the most that llama.cpp's split also fits
+    fallback = None  # the most bits whose estimate fits, where llama.cpp's split fits at none
     for quarter in range(34, 10, -1):
         bpw = quarter / 4
         candidate = Candidate(f"gguf:auto-{bpw:g}bpw", bpw, bpw, AUTO_TENSOR_TYPES)
         estimate = estimate_target(_facts(candidate, shape, static), target, ctx, None)
         if not estimate["fits"]:
             continue
-        first = first or (candidate if quarter < 34 else None, quarter)
+        if quarter == 34:  # q8_0's size fits: q8_0 is the better choice
+            return None
         if "error" not in _fit(shape, candidate, target, estimate, ctx):
-            return candidate if quarter < 34 and first[1] < 34 else None
-    return first[0] if first else None
+            return candidate
+        fallback = fallback or candidate
+    return fallback
 
 
 def _shape(source) -> dict[str, Any]:
@@ -87,24 +88,25 @@ def _shape(source) -> dict[str, Any]:
     (a shape-only source). A mixture of experts' routed experts are counted apart: all of them
     are resident, a token reads ``expert_active`` of them."""
     from .runtimes.hf import block_params, config_sizes
+    from .runtimes.stream import LAYOUTS, Layout
     from .source import experts_of
 
     cfg = source.config.get("text_config") or source.config
+    layout = LAYOUTS.get(source.config.get("model_type"), Layout())
     sizes = config_sizes(source.config)
     blocks = block_params(source.config)
     embedding = sizes["n_vocab"] * sizes["n_embd"]
     tied = bool(cfg.get("tie_word_embeddings", source.config.get("tie_word_embeddings", False)))
     if source.tensors:
         total = sum(math.prod(t.shape) for t in source.tensors.values())
-        routed = sum(math.prod(t.shape) for n, t in source.tensors.items() if re.search(r"\.experts\.\d+\.", n))
+        routed = sum(math.prod(t.shape) for n, t in source.tensors.items() if layout.parse_expert(n))
     else:
         total = sum(p for p, _ in blocks) + embedding * (1 if tied else 2)
         routed = sum(r for _, r in blocks)
     experts = experts_of(source.config)
     active = experts.used / experts.count if experts else 1.0
     return {**sizes, "linear_params": int(sum(p - r * (1 - active) for p, r in blocks)), "embedding_params": embedding,
-            "other_params": max(0, total - embedding), "routed_params": routed, "expert_active": active, "tied": tied,
-            "blocks": blocks, "config": source.config, "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
+            "other_params": max(0, total - embedding), "routed_params": routed, "expert_active": active, "blocks": blocks, "config": source.config, "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
 
 
 def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
@@ -123,10 +125,18 @@ def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
     return ArtifactFacts(
         format=fmt, scheme=scheme, kind="decoder", weight_bytes=weights, bytes_read_per_token=weights - idle,
         idle_expert_bytes=idle, active_params=shape["linear_params"],
-        kv_bytes_per_token=2 * shape["n_layers"] * shape["n_head_kv"] * shape["head_dim"] * kv_per_element,
+        kv_bytes_per_token=shape["n_layers"] * _kv_width(shape["config"]) * kv_per_element,
         linear_params=shape["linear_params"], n_vocab=shape["n_vocab"], n_embd=shape["n_embd"],
         max_ctx=shape["max_ctx"] or None, gguf_tensor_types=frozenset(candidate.tensor_types), onnx_graph=graph,
     )
+
+
+def _kv_width(config: dict[str, Any]) -> int:
+    """Values a layer's KV cache holds per token (keys and values of every KV head)."""
+    from .runtimes.hf import kv_dims
+
+    heads, k, v = kv_dims(config)
+    return heads * (k + v)
 
 
 def _fit(shape: dict[str, Any], candidate: Candidate, target, estimate: dict[str, Any], ctx: int) -> dict[str, Any]:
@@ -136,12 +146,10 @@ def _fit(shape: dict[str, Any], candidate: Candidate, target, estimate: dict[str
     from .errors import InputError
     from .hardware.fit import GGUFLayout, fit_gguf
 
-    if not any(r.name == "llama.cpp" for r in target.runtimes):
-        return {"error": f"{target.name}: no llama.cpp runtime to run a GGUF"}
     layout = GGUFLayout.from_shape(shape["config"], shape["blocks"], candidate.bits_per_weight, candidate.embedding_bits)
     try:
         fit = fit_gguf(candidate.recipe, target, estimate=estimate, layout=layout)
-    except InputError as exc:
+    except InputError as exc:  # nothing fits, or no llama.cpp on the target
         return {"error": str(exc)}
     if fit["ctx"] < ctx:
         return {"error": f"{candidate.recipe} fits {target.name} with at most {fit['ctx']:,} tokens of context, {ctx:,} asked"}
@@ -226,7 +234,7 @@ def plan(
                "reasons": est["reasons"], "estimated_decode_tokens_per_s": est.get("decode_tokens_per_s"),
                "predicted_convert_peak_bytes": peak}
         fit = None
-        if cand.recipe.startswith("gguf:") and est["compatible"] and any(r.name == "llama.cpp" for r in target.runtimes):
+        if cand.recipe.startswith("gguf:") and est["compatible"]:
             fit = _fit(shape, cand, target, est, ctx)
             row["fit"] = fit
         why = [] if est["fits"] else [f"does not fit ({est['needed_bytes'] / 1e9:.2f} GB > {est['usable_bytes'] / 1e9:.2f} GB usable)"]
@@ -234,7 +242,6 @@ def plan(
             why = []
             row["fits"] = True
             row["estimated_decode_tokens_per_s"] = fit.get("decode_tokens_per_s") or row["estimated_decode_tokens_per_s"]
-
         if moe and not cand.recipe.startswith("gguf:"):
             why.append(f"{cand.recipe.partition(':')[0]}: mixtures of experts are not supported (gguf is)")
         if peak is not None and available is not None and peak > available:

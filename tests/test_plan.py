@@ -85,3 +85,14 @@ def test_estimate_only_plans_a_mixture_of_experts_from_its_config(tmp_path):
     assert not any((tmp_path / f"plan-{m}-{p}" / "artifacts").exists() for m, p in plans)
     # the CLI: one table, exit 0
     assert main(["plan", str(folders["moe"]), "--profile", "rtx-4060-8gb", "--estimate-only", "-o", str(tmp_path / "cli")]) == 0
+
+
+def test_kv_cache_of_latent_attention_is_its_latent():
+    """DeepSeek's multi-head latent attention caches the kv latent and its RoPE part per layer,
+    not heads x head_dim: the planner and the fit read it from one place."""
+    from quantkit.runtimes.hf import kv_dims
+
+    v3 = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_attention_heads": 128, "num_key_value_heads": 128,
+          "num_hidden_layers": 61, "vocab_size": 129280, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "head_dim": 64}
+    assert kv_dims(v3) == (1, 576, 512)
+    assert kv_dims(LLAMA_8B) == (8, 128, 128)

@@ -102,17 +102,14 @@ class GGUFLayout:
         """The layout a GGUF of ``bits`` per weight (``embedding_bits`` for the embedding and the
         head) would have, from an HF config.json and its blocks' (weights, routed experts)
         counts: what the planner fits before anything is converted."""
-        from ..runtimes.hf import config_sizes
+        from ..runtimes.hf import config_sizes, kv_dims
         from ..source import experts_of
 
         cfg = config.get("text_config") or config
         s = config_sizes(config)
         experts = experts_of(config)
         table = s["n_vocab"] * s["n_embd"] * embedding_bits / 8
-        if "kv_lora_rank" in cfg:  # llama.cpp caches DeepSeek's latent (and its RoPE part) as one head
-            n_head_kv, k_dim, v_dim = 1, int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"]), int(cfg["kv_lora_rank"])
-        else:
-            n_head_kv, k_dim, v_dim = s["n_head_kv"], s["head_dim"], s["head_dim"]
+        n_head_kv, k_dim, v_dim = kv_dims(config)
         types = cfg.get("layer_types") or []
         window = int(cfg.get("sliding_window") or 0)
         return cls(
@@ -205,8 +202,11 @@ def fit_gguf(path: Path | str, profile: HardwareProfile, *, ctx: int | None = No
                 return best
         if cpu_moe and separate and offloads and any(layout.expert_bytes):
             # the fewest blocks' experts in RAM, a q8_0 cache when it keeps more of them on the GPU
-            splits = [(n, kv_type) for kv_type in KV_TYPES
-                      for n in [next((n for n in range(1, layout.n_layers + 1) if fits(top, n_ctx, kv_type, n)), None)] if n]
+            splits = []
+            for kv_type in KV_TYPES:
+                n = next((n for n in range(1, layout.n_layers + 1) if fits(top, n_ctx, kv_type, n)), None)
+                if n is not None:
+                    splits.append((n, kv_type))
             if splits:
                 n, kv_type = min(splits, key=lambda s: s[0])
                 return (top, kv_type, n)

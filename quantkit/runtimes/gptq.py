@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +149,13 @@ def load_packed_model(folder: Path):
             for name in fh.keys():
                 raw[name] = fh.get_tensor(name)
     layout = LAYOUTS.get(config.model_type, Layout())
-    # the checkpoint's name of each parameter and stored buffer (Mixtral keeps block_sparse_moe)
-    stored_names = {name: layout.checkpoint_parts(name, tuple(t.shape)) for name, t in
-                    [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))]}
-    expected = {parts[0][0]: name for name, parts in stored_names.items() if len(parts) == 1 and len(parts[0]) == 1}
-    expected.update({name: name for name, parts in stored_names.items() if len(parts) == 1})  # under the module's own name too
-    # one packed Linear per routed expert and part: transformers 5's names (what quantkit and
-    # GPTQModel 7.7 write), or the family's checkpoint names (Mixtral's block_sparse_moe w1/w3/w2)
-    expert_name = re.compile(rf"^(.+)\.(?:mlp|{re.escape(layout.moe)})\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|"
-                             rf"{'|'.join(layout.expert_leaves)})$")
+    # every parameter and stored buffer (DeepSeek V3's router bias), under its module name or the
+    # checkpoint's (Mixtral's block_sparse_moe); stacked experts come as packed Linears below
+    expected: dict[str, str] = {}
+    for name, tensor in model.state_dict().items():
+        parts = layout.checkpoint_parts(name, tuple(tensor.shape))
+        if len(parts) == 1:
+            expected.update({name: name, parts[0][0]: name})
     experts: dict[str, dict[int, dict[str, Any]]] = {}
     embed_name, head_name = layout.embed + ".weight", layout.head + ".weight"
     tables = {name: raw.pop(name) for name in (embed_name, head_name) if name in raw}
@@ -169,10 +166,10 @@ def load_packed_model(folder: Path):
         prefix, _, leaf = name.rpartition(".")
         if leaf == "qweight":
             bias = raw.get(f"{prefix}.bias")
-            parts = [raw[f"{prefix}.{p}"] for p in _PACKED]
-            if m := expert_name.match(prefix):  # one routed expert's part: gathered per block below
-                linear = packed_cls(*parts, None if bias is None else bias.to(torch.float32), bits)
-                experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = linear
+            linear = packed_cls(*(raw[f"{prefix}.{p}"] for p in _PACKED), None if bias is None else bias.to(torch.float32), bits)
+            if expert := layout.parse_expert(prefix):  # one routed expert's part: gathered per block below
+                block, e, part = expert
+                experts.setdefault(block, {}).setdefault(e, {})[part] = linear
                 continue
             owner, _, attr = prefix.rpartition(".")
             try:
@@ -180,7 +177,7 @@ def load_packed_model(folder: Path):
                 getattr(parent, attr)
             except AttributeError:
                 raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {prefix})") from None
-            setattr(parent, attr, packed_cls(*parts, None if bias is None else bias.to(torch.float32), bits))
+            setattr(parent, attr, linear)
         elif prefix not in packed:  # a packed Linear's other tensors (bias included) went in with its qweight
             if name not in expected:
                 raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected {name})")
@@ -201,9 +198,7 @@ def load_packed_model(folder: Path):
             raise InputError(f"{folder}: the checkpoint does not match its config.json (unexpected experts in {owner})") from None
         if sorted(by_expert) != list(range(count)) or any(len(parts) != 3 for parts in by_expert.values()):
             raise InputError(f"{folder}: {owner} has packed experts {sorted(by_expert)[:8]}; config.json says {count}, each with 3 parts")
-        canonical = dict(zip(layout.expert_leaves, ("gate_proj", "up_proj", "down_proj"), strict=True))
-        by_expert = {e: {canonical.get(leaf, leaf): linear for leaf, linear in parts.items()} for e, parts in by_expert.items()}
-        mlp.experts = experts_cls([tuple(by_expert[e][leaf] for leaf in ("gate_proj", "up_proj", "down_proj")) for e in range(count)],
+        mlp.experts = experts_cls([tuple(by_expert[e][part] for part in ("gate", "up", "down")) for e in range(count)],
                                   mlp.experts.act_fn)
     head_cls, embed_hook = _half_table_modules()
     embed = model.get_submodule(layout.embed)

@@ -57,6 +57,16 @@ def block_params(config: dict[str, Any]) -> list[tuple[int, int]]:
     return [(attention + dense, 0) if i < experts.dense_blocks else (attention + moe, routed) for i in range(sizes["n_layers"])]
 
 
+def kv_dims(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(KV heads, key width, value width) llama.cpp caches per layer and token: DeepSeek's latent
+    attention caches one "head" of the kv latent plus its RoPE part (keys) and the latent (values)."""
+    cfg = config.get("text_config") or config
+    if "kv_lora_rank" in cfg:
+        return 1, int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"]), int(cfg["kv_lora_rank"])
+    sizes = config_sizes(config)
+    return sizes["n_head_kv"], sizes["head_dim"], sizes["head_dim"]
+
+
 def config_sizes(config: dict[str, Any]) -> dict[str, int]:
     """Layer count, widths and vocabulary from an HF ``config.json`` (text config if nested)."""
     cfg = config.get("text_config") or config

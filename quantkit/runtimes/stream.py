@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,17 @@ class Layout:
         gate, up, down = self.expert_leaves
         parts = (gate, up) if leaf == "gate_up_proj" else (down,)
         return [[f"{owner}.{self.moe}.experts.{e}.{part}.weight" for part in parts] for e in range(shape[0])]
+
+    def parse_expert(self, name: str) -> tuple[str, int, str] | None:
+        """(block path, expert, "gate" | "up" | "down") of one routed expert's matrix, under the
+        checkpoint's names (``{moe}.experts.{e}.{leaf}``) or transformers 5's
+        (``mlp.experts.{e}.{gate,up,down}_proj``), with or without ``.weight``; else None."""
+        m = re.match(rf"^(.+)\.(?:mlp|{re.escape(self.moe)})\.experts\.(\d+)\.(\w+?)(?:\.weight)?$", name)
+        if not m:
+            return None
+        parts = {**dict(zip(self.expert_leaves, ("gate", "up", "down"), strict=True)),
+                 "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+        return (m[1], int(m[2]), parts[m[3]]) if m[3] in parts else None
 
 
 # config.json model_type -> layout; every supported family keeps Llama's names (Mixtral its own
@@ -170,12 +182,13 @@ def is_experts(module) -> bool:
     return hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and hasattr(module, "act_fn")
 
 
-def expert_inputs(module, args: tuple, kwargs: dict):
+def expert_inputs(module, args: tuple, kwargs: dict, *, down: bool = True):
     """What each routed expert of ``module`` (see :func:`is_experts`) multiplies in one call,
     from the call's arguments (``hidden_states`` [tokens, hidden], ``top_k_index`` [tokens, k]):
     per expert that got tokens, ``(e, x, h)`` with ``x`` its tokens' inputs to gate/up and ``h``
-    the input to its down projection, ``act(x @ gate.T) * (x @ up.T)``. GPTQ and the importance
-    matrix see each expert's own tokens only."""
+    the input to its down projection, ``act(x @ gate.T) * (x @ up.T)`` (None when not ``down``:
+    it costs the expert's gate/up products). GPTQ and the importance matrix see each expert's own
+    tokens only."""
     import torch
 
     hidden = args[0] if args else kwargs["hidden_states"]
@@ -187,6 +200,9 @@ def expert_inputs(module, args: tuple, kwargs: dict):
             continue
         tokens = (index == e).any(dim=1).nonzero().flatten()
         x = hidden[tokens]
+        if not down:
+            yield e, x, None
+            continue
         gate, up = torch.nn.functional.linear(x, module.gate_up_proj[e].float()).chunk(2, dim=-1)
         yield e, x, module.act_fn(gate) * up
 

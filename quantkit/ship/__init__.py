@@ -72,7 +72,8 @@ def ship(artifact: str | Path, profile_name: str, out_dir: str | Path, *, report
         (tmp / "README.md").write_text(_card(folder, manifest, profile, summary, run, quality), encoding="utf-8")
         if quality and quality.get("svg"):
             (tmp / "quality.svg").write_text(quality["svg"], encoding="utf-8")
-        _checksums(tmp)
+        # the artifact's files were checked against these sha256s above: not hashed a second time
+        _checksums(tmp, {f"model/{f['path']}": f["sha256"] for f in manifest["files"]})
     summary["bundle"] = str(out)
     summary["files"] = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     return summary
@@ -99,16 +100,19 @@ def _place(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _checksums(folder: Path) -> None:
-    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in sorted(folder.rglob("*")) if p.is_file()]
+def _checksums(folder: Path, known: dict[str, str]) -> None:
+    """``SHA256SUMS`` of every file of the bundle (``known``: the sha256s already checked)."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    lines = [f"{known.get(rel) or sha256_file(folder / rel)}  {rel}" for rel in files]
     (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 # -- GGUF: the fit, the chat template ---------------------------------------------------------------
 def _gguf(path: Path, profile) -> dict[str, Any]:
-    from ..formats.gguf.header import read_header
+    import gguf
+
     from ..hardware.estimate import artifact_facts, estimate_target
-    from ..hardware.fit import fit_gguf
+    from ..hardware.fit import GGUFLayout, fit_gguf
     from ..profile.memory import kv_cache_bytes_per_token
     from ..runtimes.llamacpp import LlamaCppRuntime
     from .templates import translate
@@ -117,12 +121,16 @@ def _gguf(path: Path, profile) -> dict[str, Any]:
     estimate = estimate_target(artifact_facts("gguf", None, desc, kv_cache_bytes_per_token(desc)), profile, 4096, None)
     if not estimate["compatible"]:
         raise InputError(f"{path.name} cannot run on {profile.name}: {'; '.join(estimate['reasons'])}")
-    fit = fit_gguf(path, profile, estimate=estimate)  # does not fit even on the CPU: one line, exit 2
+    layout = GGUFLayout.of(path)
+    fit = fit_gguf(path, profile, estimate=estimate, layout=layout)  # does not fit even on the CPU: one line, exit 2
     # Ollama and llama-cpp-python's server cannot keep experts in RAM: they get the best split of
     # whole layers instead (with experts in RAM that fit is llama-server's alone)
-    layers_only = fit_gguf(path, profile, estimate=estimate, cpu_moe=False) if fit.get("n_cpu_moe") else fit
-    fields = read_header(path).fields
-    tokens = _token_texts(path)
+    layers_only = fit_gguf(path, profile, estimate=estimate, layout=layout, cpu_moe=False) if fit.get("n_cpu_moe") else fit
+    # the vocabulary as text and the chat template (quantkit's header reader skips string arrays)
+    wanted = ("tokenizer.ggml.tokens", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+              "tokenizer.chat_template")
+    fields = {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items() if name in wanted}
+    tokens = [str(t) for t in fields.get("tokenizer.ggml.tokens") or []]
 
     def token(key: str) -> str:
         i = fields.get(f"tokenizer.ggml.{key}_token_id")
@@ -135,14 +143,6 @@ def _gguf(path: Path, profile) -> dict[str, Any]:
     warnings = [] if translation.template else [f"no TEMPLATE in the Modelfile: {translation.why}; Ollama falls back to its own"]
     return {"fit": fit, "fit_layers_only": layers_only, "template": translation.template, "template_check": translation.why,
             "stop": list(stop), "warnings": warnings}
-
-
-def _token_texts(path: Path) -> list[str]:
-    """The GGUF's vocabulary as text (quantkit's header reader skips string arrays)."""
-    import gguf
-
-    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.tokens")
-    return [str(t) for t in field.contents()] if field is not None else []
 
 
 def _modelfile(main: str, summary: dict[str, Any]) -> str:
@@ -178,25 +178,23 @@ def _commands(fmt: str, main: str, summary: dict[str, Any], manifest: dict[str, 
         server += ["--host", "127.0.0.1", "--port", "8080"]
         python += ["--host", "127.0.0.1", "--port", "8080"]
         return {"lines": ['cd "$(dirname "$0")"', shlex.join(server), "# or, with llama-cpp-python[server]:", "# " + shlex.join(python)],
-                "comments": comments, "commands": [shlex.join(server), shlex.join(python)]}
+                "comments": comments}
     if fmt == "gptq":
         vllm = ["vllm", "serve", "model", "--quantization", "gptq", "--host", "127.0.0.1", "--port", "8000"]
         transformers = ("python -c \"from transformers import AutoModelForCausalLM, AutoTokenizer; "
                         "t = AutoTokenizer.from_pretrained('model'); m = AutoModelForCausalLM.from_pretrained('model', device_map='auto'); "
                         "print(t.decode(m.generate(**t('Hello', return_tensors='pt').to(m.device), max_new_tokens=32)[0]))\"")
         return {"lines": [shlex.join(vllm), "# or, in transformers (with GPTQModel installed):", "# " + transformers],
-                "comments": ["GPTQ v1 checkpoint: vLLM, or transformers with GPTQModel"], "commands": [shlex.join(vllm), transformers]}
-    decoder = (Path(manifest.get("main_file", "")).name == "genai_config.json"
-               or any(f["path"].endswith("genai_config.json") for f in manifest["files"]))
-    if decoder:
+                "comments": ["GPTQ v1 checkpoint: vLLM, or transformers with GPTQModel"]}
+    if any(f["path"].endswith("genai_config.json") for f in manifest["files"]):  # a decoder built for onnxruntime-genai
         snippet = ("python -c \"import onnxruntime_genai as og; m = og.Model('model'); t = og.Tokenizer(m); "
                    "p = og.GeneratorParams(m); p.set_search_options(max_length=256); g = og.Generator(m, p); "
                    "g.append_tokens(t.encode('Hello')); "
                    "exec('while not g.is_done(): g.generate_next_token()'); print(t.decode(g.get_sequence(0)))\"")
-        return {"lines": ["# onnxruntime-genai:", snippet], "comments": ["ONNX decoder with genai_config.json"], "commands": [snippet]}
+        return {"lines": ["# onnxruntime-genai:", snippet], "comments": ["ONNX decoder with genai_config.json"]}
     snippet = (f"python -c \"import onnxruntime as ort; s = ort.InferenceSession('{path}'); "
                "print([i.name for i in s.get_inputs()])\"")
-    return {"lines": ["# ONNX Runtime:", snippet], "comments": ["ONNX encoder"], "commands": [snippet]}
+    return {"lines": ["# ONNX Runtime:", snippet], "comments": ["ONNX encoder"]}
 
 
 # -- the model card ---------------------------------------------------------------------------------

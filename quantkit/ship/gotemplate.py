@@ -66,9 +66,8 @@ def _parse(tokens: list[tuple[str, str]], i: int, stop: tuple[str, ...]) -> tupl
                 raise TemplateError(f"unexpected {{{{{value}}}}}")
             return nodes, i, value
         if word == "if":
-            nodes.append(_parse_if(value[2:].strip(), tokens, i))
-            i = nodes[-1].arg[1]
-            nodes[-1].arg = nodes[-1].arg[0]
+            node, i = _parse_if(value[2:].strip(), tokens, i)
+            nodes.append(node)
         elif word == "range":
             spec = value[5:].strip()
             names: tuple[str, ...] = ()
@@ -91,24 +90,22 @@ def _parse(tokens: list[tuple[str, str]], i: int, stop: tuple[str, ...]) -> tupl
     return nodes, i, ""
 
 
-def _parse_if(condition: str, tokens, i) -> _Node:
+def _parse_if(condition: str, tokens, i) -> tuple[_Node, int]:
+    """An if node (its else-if chain nested in ``orelse``) and the position after its {{end}}."""
     body, i, end = _parse(tokens, i, ("end", "else"))
-    node = _Node("if", None, body)
+    node = _Node("if", condition, body)
     if end.startswith("else"):
         rest = end[4:].strip()
         if rest and not rest.startswith("if "):
             raise TemplateError(f"{{{{{end}}}}} is not supported")
         if rest.startswith("if "):
-            nested = _parse_if(rest[3:].strip(), tokens, i)
-            i = nested.arg[1]
-            nested.arg = nested.arg[0]
+            nested, i = _parse_if(rest[3:].strip(), tokens, i)
             node.orelse = [nested]
         else:
             node.orelse, i, end = _parse(tokens, i, ("end",))
             if end != "end":
                 raise TemplateError("missing {{end}} after {{else}}")
-    node.arg = (condition, i)
-    return node
+    return node, i
 
 
 # -- expressions -----------------------------------------------------------------------------------

@@ -156,9 +156,8 @@ def compute_imatrix(
     def record_experts(prefix: str, module, args, kwargs) -> None:
         count = module.gate_up_proj.shape[0]
         gate_up, down = f"{prefix}.ffn_gate_exps.weight", f"{prefix}.ffn_down_exps.weight"
-        if gate_up not in sums:
-            for name, width in ((gate_up, module.gate_up_proj.shape[2]), (f"{prefix}.ffn_up_exps.weight", module.gate_up_proj.shape[2]),
-                                (down, module.down_proj.shape[2])):
+        if gate_up not in sums:  # ffn_up_exps sees the same inputs: the gate's sums, copied at the end
+            for name, width in ((gate_up, module.gate_up_proj.shape[2]), (down, module.down_proj.shape[2])):
                 sums[name], counts[name] = torch.zeros(count, width, dtype=torch.float64), np.zeros(count, dtype=np.int64)
         for e, x, h in expert_inputs(module, args, kwargs):
             sums[gate_up][e] += (x * x).sum(0, dtype=torch.float64)

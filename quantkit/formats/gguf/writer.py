@@ -63,13 +63,13 @@ def _order(name: str) -> tuple[int, str]:
 
 def _expert_stacks(source: Source, layout: Layout) -> dict[str, list[str]]:
     """Checkpoint names of each block's per-expert matrices, by the name of the stack they form
-    (``...{moe}.experts.{leaf}.weight``), in expert order; every expert must be present."""
-    pattern = re.compile(rf"^(.+\.{re.escape(layout.moe)}\.experts)\.(\d+)\.({'|'.join(layout.expert_leaves)})\.weight$")
+    (``{block}.mlp.experts.{gate,up,down}_proj.weight``, which gguf-py maps to ``ffn_*_exps``), in
+    expert order; every expert must be present."""
     found: dict[str, dict[int, str]] = {}
     for name in source.tensors:
-        m = pattern.match(name)
-        if m:
-            found.setdefault(f"{m.group(1)}.{m.group(3)}.weight", {})[int(m.group(2))] = name
+        if name.endswith(".weight") and (expert := layout.parse_expert(name)):
+            block, e, part = expert
+            found.setdefault(f"{block}.mlp.experts.{part}_proj.weight", {})[e] = name
     experts = experts_of(source.config)
     count = experts.count if experts else 0
     stacks = {}
@@ -89,7 +89,11 @@ def _plan(source: Source, arch, float_type: str) -> list[_Planned]:
     entries = [(name, (name,)) for name in source.tensors if name not in stacked] + list(stacks.items())
     plan = []
     for name, members in entries:
-        if _SKIP.search(name) or _beyond_blocks(name, hp.n_layers):
+        block = re.match(r"^model\.layers\.(\d+)\.", name)
+        # a block past num_hidden_layers: DeepSeek V3's and GLM-4.5's multi-token-prediction layer
+        # (model.layers.61 of DeepSeek-V3), which the forward pass never runs; left out, as
+        # llama.cpp's converter does by default (kept, a GGUF declares nextn_predict_layers)
+        if _SKIP.search(name) or (block and int(block.group(1)) >= hp.n_layers):
             continue
         infos = [source.tensors[m] for m in members]
         if any(info.dtype not in ("F32", "F16", "BF16") for info in infos):
@@ -101,7 +105,6 @@ def _plan(source: Source, arch, float_type: str) -> list[_Planned]:
         if ".mlp.gate." in name or ".block_sparse_moe.gate." in name or name.endswith("shared_expert_gate.weight"):
             qtype = Q.F32  # routers stay F32, as llama.cpp's converter and quantizer keep them: which experts
             # a token goes to flips on a rounding, and the router is a sliver of the model
-        block = re.match(r"^model\.layers\.(\d+)\.", name)
         if arch.mla and name.endswith("self_attn.kv_b_proj.weight") and block:
             # llama.cpp wants per-head k and v matrices (MLA absorbed), not the combined projection
             _, kv_lora, nope, _, v = mla_dims(source.config)
@@ -122,15 +125,6 @@ def _plan(source: Source, arch, float_type: str) -> list[_Planned]:
     for gname, data in extra_tensors(source.config).items():
         plan.append(_Planned((), gname, data.shape, Q.F32))
     return sorted(plan, key=lambda p: _order(p.gguf_name))
-
-
-def _beyond_blocks(name: str, n_layers: int) -> bool:
-    """A block past ``num_hidden_layers``: DeepSeek V3's and GLM-4.5's multi-token-prediction
-    layer (``model.layers.61`` of DeepSeek-V3), which the model's forward pass never runs. It is
-    left out, as llama.cpp's converter leaves it out by default (a GGUF with it declares
-    ``nextn_predict_layers``, for speculative decoding)."""
-    m = re.match(r"^model\.layers\.(\d+)\.", name)
-    return bool(m) and int(m.group(1)) >= n_layers
 
 
 def _gguf_name(kind: gguf.MODEL_TENSOR, block: str, suffix: str) -> str:

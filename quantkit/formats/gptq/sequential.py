@@ -106,20 +106,28 @@ def _quantize_experts(module, marker: str, hessians: dict[int, HessianAccumulato
             fallback.append(e)
         hessian = hessians.pop(e, None) if hessians is not None else None  # freed once this expert is done
         for part, weight in _expert_weights(module, marker, e):
+            q = _quantize_in_place(weight, hessian.hessian if gptq else None, settings)
             if gptq:
-                q = gptq_quantize(weight, hessian.hessian, settings.grid, damp=settings.damp,
-                                  act_order=settings.act_order, static_groups=settings.static_groups)
                 losses.append(q.loss)
                 if q.damp > settings.damp:
                     raised[f"experts.{e}.{part}"] = q.damp
-            else:
-                q = rtn_quantize(weight, settings.grid)
-            weight.copy_(q.dequantized.to(weight.device))
             # the block's parameter now holds the values; the writer needs only codes and grid
             # (128 experts' float32 copies would double the block in memory)
             q.dequantized = q.dequantized.new_empty(0)
             done[e, part] = q
     return done, fallback, losses, raised
+
+
+def _quantize_in_place(weight: torch.Tensor, hessian: torch.Tensor | None, settings: GPTQSettings) -> QuantizedWeight:
+    """GPTQ of ``weight`` from ``hessian`` (round to nearest without one); ``weight`` then holds the
+    quantized values, which the engine runs the next inputs through."""
+    if hessian is None:
+        q = rtn_quantize(weight, settings.grid)
+    else:
+        q = gptq_quantize(weight, hessian, settings.grid, damp=settings.damp, act_order=settings.act_order,
+                          static_groups=settings.static_groups)
+    weight.copy_(q.dequantized.to(weight.device))
+    return q
 
 
 class _GroupSeen(Exception):
@@ -141,8 +149,9 @@ def _record_experts(hessians: dict[int, HessianAccumulator], tokens: list[int], 
     to down through the already quantized gate/up) to its Hessian."""
     from ...runtimes.stream import expert_inputs
 
-    for e, x, h in expert_inputs(module, args, kwargs):
-        inputs = h if marker == EXPERTS_DOWN else x
+    down = marker == EXPERTS_DOWN
+    for e, x, h in expert_inputs(module, args, kwargs, down=down):
+        inputs = h if down else x
         if e not in hessians:
             hessians[e] = HessianAccumulator(inputs.shape[-1], inputs.device)
         hessians[e].add(inputs)
@@ -187,13 +196,7 @@ def _gptq_block(step, linears: dict[str, Any], spec: ArchSpec, settings: GPTQSet
             experts_figures[marker.partition(":")[2]] = {"tokens": tokens[marker], "rtn_fallback": fallback}
             advance(1)
         for name in plain:
-            linear = linears[name]
-            q = gptq_quantize(
-                linear.weight, hessians.pop(name).hessian, settings.grid, damp=settings.damp,
-                act_order=settings.act_order, static_groups=settings.static_groups,
-            )
-            linear.weight.copy_(q.dequantized.to(linear.weight.device))
-            done[name] = q
+            done[name] = q = _quantize_in_place(linears[name].weight, hessians.pop(name).hessian, settings)
             losses.append(q.loss)
             if q.damp > settings.damp:  # the Hessian needed more dampening than asked
                 raised[name] = q.damp
@@ -231,8 +234,7 @@ def quantize_blocks(
                             codes, _, _, _ = _quantize_experts(linear, name, None, settings, [])
                             done.update({(name, e, part): q for (e, part), q in codes.items()})
                         else:
-                            done[name] = q = rtn_quantize(linear.weight, settings.grid)
-                            linear.weight.copy_(q.dequantized)
+                            done[name] = _quantize_in_place(linear.weight, None, settings)
                         advance(1)
                 else:
                     done, figures = _gptq_block(step, linears, spec, settings, advance)
