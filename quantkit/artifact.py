@@ -89,6 +89,21 @@ def _old_name(final: Path) -> Path:
 
 # hidden names only this module gives unfinished output: ".NAME.quantkit-partial-PID" and
 # ".NAME.quantkit-old-PID" (a replaced artifact, kept until its successor is in place)
+# set by the CLI's signal handler: a KeyboardInterrupt raised where Python swallows it (a weakref
+# callback, a __del__: "Exception ignored in ...") must still keep the run from publishing anything
+_interrupt_requested = False
+
+
+def request_interrupt() -> None:
+    """Record that the process was told to stop (SIGTERM, Ctrl-C)."""
+    global _interrupt_requested
+    _interrupt_requested = True
+
+
+def interrupt_requested() -> bool:
+    return _interrupt_requested
+
+
 _UNFINISHED = re.compile(r"^\.(.+)\.quantkit-(partial|old)-(\d+)$")
 
 
@@ -160,6 +175,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        if _interrupt_requested:  # told to stop, whether or not its KeyboardInterrupt got through
+            raise KeyboardInterrupt
         if final.exists():
             old = _old_name(final)
             os.rename(final, old)
@@ -183,6 +200,8 @@ def atomic_file(final: Path) -> Iterator[Path]:
     tmp = _partial_name(final)
     try:
         yield tmp
+        if _interrupt_requested:
+            raise KeyboardInterrupt
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -11,6 +11,7 @@ import traceback
 import click
 
 from . import __version__
+from .artifact import interrupt_requested, request_interrupt
 from .errors import QuantkitError
 
 __all__ = ["cli", "main"]
@@ -278,7 +279,10 @@ def profiles_schema() -> None:
 
 
 def _terminated(signum, frame):
-    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so unfinished outputs are removed
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so unfinished outputs are removed. Where
+    # Python swallows the KeyboardInterrupt (raised inside a weakref callback or __del__: seen in
+    # CI during an import), the recorded request still stops the run before it publishes anything
+    request_interrupt()
     raise KeyboardInterrupt
 
 
@@ -286,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: map quantkit errors to one-line messages and exit codes."""
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _main(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -298,6 +303,9 @@ def _main(argv: list[str] | None) -> int:
     try:
         # without standalone mode click returns, rather than raises, a command's ctx.exit(code)
         code = cli.main(args=argv, prog_name="quantkit", standalone_mode=False)
+        if interrupt_requested():  # its KeyboardInterrupt was swallowed and nothing raised it again
+            click.echo("interrupted", err=True)
+            return 130
         if isinstance(code, int) and code:
             return code
     except click.exceptions.Exit as exc:

@@ -48,7 +48,9 @@ def test_native_abort_in_child_is_exit_1_with_llama_cpp_message(tiny_model, tmp_
 
     monkeypatch.setattr("quantkit.formats.gguf.writer.load_vocab", duplicated)
     out = tmp_path / "out"
-    code = main(["-q", "convert", str(tiny_model("llama")), "--to", "gguf:f16", "--no-verify", "-o", str(out)])
+    model = tiny_model("llama")
+    capsys.readouterr()  # what building the session's tiny model printed, when this test builds it
+    code = main(["-q", "convert", str(model), "--to", "gguf:f16", "--no-verify", "-o", str(out)])
     line = _one_error_line(capsys)
     assert code == 1
     assert "GGML_ASSERT" in line and "llama-vocab.cpp" in line and "SIGABRT" in line, line
@@ -172,6 +174,32 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_model, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err)
     assert os.listdir(out) == []
+
+
+def test_a_swallowed_interrupt_still_stops_before_publishing(tiny_model, tmp_path):
+    """A SIGTERM whose KeyboardInterrupt is raised where Python swallows it (inside a __del__ or a
+    weakref callback: "Exception ignored in ...", seen in CI during an import) must not let the
+    run publish its artifact: it ends interrupted, exit 130, nothing left."""
+    out = tmp_path / "out"
+    (tmp_path / "swallowed.py").write_text(
+        "import os, signal, sys\n"
+        "import quantkit.cli as cli\n"
+        "import quantkit.formats.gguf as writer\n"
+        "original = writer.write_float_gguf\n"
+        "class Swallow:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # the handler's KeyboardInterrupt is raised in here\n"
+        "        sum(range(1000))\n"
+        "def write(*args, **kwargs):\n"
+        "    Swallow()\n"
+        "    return original(*args, **kwargs)\n"
+        "writer.write_float_gguf = write\n"
+        f"sys.exit(cli.main(['-q', 'convert', {str(tiny_model('llama'))!r}, '--to', 'gguf:q8_0', '--no-verify', '-o', {str(out)!r}]))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "swallowed"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "Exception ignored" in proc.stderr  # the interrupt was indeed swallowed
+    assert proc.returncode == 130 and "interrupted" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
+    assert not out.exists() or os.listdir(out) == []
 
 
 def test_interrupt_inside_exec_still_exits_130(tmp_path):
