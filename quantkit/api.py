@@ -90,6 +90,7 @@ def convert(
     recipes = list(dict.fromkeys(parse_recipe(r, recipe_options) if isinstance(r, str) else r for r in to))
     _check_options_used(recipes, recipe_options)
     src = resolve_source(source, allow_pickle=allow_pickle)
+    recipes = list(dict.fromkeys(get_format(r.format).for_source(r, src) for r in recipes))
     progress = progress or Progress(False)
     predicted, available = _predict_peaks(src, recipes, verify, verify_tokens, verify_ctx)
     if dry_run:  # the caller shows the predictions, then ``memory_refusal`` says whether they fit

@@ -3,12 +3,15 @@ imatrix format, used by llama.cpp's quantizer."""
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
 
 from quantkit.api import convert
 from quantkit.cli import main
+from quantkit.recipe import parse_recipe
 
 
 def _direct_sums(folder, windows):
@@ -75,13 +78,15 @@ def test_imatrix_file_is_llama_cpps_format_and_reads_back(tmp_path):
 
 
 def test_imatrix_changes_llama_cpps_choice_and_is_shipped(tiny_model, tmp_path):
-    """q3_k_m+imatrix: the same file type, other codes (the errors weighed by the imatrix), the
-    imatrix beside it; a user's imatrix file gives the same bytes as the one computed."""
+    """q3_k_m (an importance matrix by default below 5 bits): the same file type as
+    q3_k_m+noimatrix, other codes (the errors weighed by the imatrix), the imatrix beside it; a
+    user's imatrix file gives the same bytes as the one computed."""
     folder = tiny_model("qwen2")
     calib = {"calib_samples": 4, "calib_seqlen": 64}
-    plain, weighted = convert(folder, ["gguf:q3_k_m", "gguf:q3_k_m+imatrix"], tmp_path / "a", verify=False,
+    plain, weighted = convert(folder, ["gguf:q3_k_m+noimatrix", "gguf:q3_k_m"], tmp_path / "a", verify=False,
                               recipe_options=calib).artifacts
-    assert weighted.recipe == "gguf:q3_k_m+imatrix" and weighted.main_file.name.endswith("Q3_K_M+IMATRIX.gguf")
+    assert weighted.recipe == "gguf:q3_k_m" and weighted.main_file.name.endswith("-Q3_K_M.gguf")
+    assert plain.recipe == "gguf:q3_k_m+noimatrix" and plain.main_file.name.endswith("Q3_K_M+NOIMATRIX.gguf")
     file_type = int(gguf.LlamaFileType.MOSTLY_Q3_K_M)
     for art in (plain, weighted):
         assert gguf.GGUFReader(art.main_file).fields["general.file_type"].contents() == file_type
@@ -91,8 +96,59 @@ def test_imatrix_changes_llama_cpps_choice_and_is_shipped(tiny_model, tmp_path):
     assert "imatrix" not in plain.manifest["details"]
     reused = convert(folder, ["gguf:q3_k_m"], tmp_path / "b", verify=False,
                      recipe_options={"imatrix": str(weighted.path / "imatrix.gguf")}).artifacts[0]
-    assert reused.recipe == "gguf:q3_k_m+imatrix" and reused.manifest["details"]["imatrix"]["sha256"] == info["sha256"]
+    assert reused.recipe == "gguf:q3_k_m" and reused.manifest["details"]["imatrix"]["sha256"] == info["sha256"]
     assert reused.main_file.read_bytes() == weighted.main_file.read_bytes()
+
+
+def test_importance_matrix_is_computed_once_per_source_and_calibration(tiny_model, tmp_path, monkeypatch):
+    """A second conversion of the same source and calibration takes the matrix from quantkit's
+    cache (the model is not run again) and writes the same bytes; other calibration computes."""
+    import quantkit.formats.gguf.imatrix as imatrix_module
+
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    folder, calib = tiny_model("llama"), {"calib_samples": 2, "calib_seqlen": 32}
+    [first] = convert(folder, ["gguf:q4_0"], tmp_path / "a", verify=False, recipe_options=calib).artifacts
+    computed = imatrix_module.compute_imatrix
+    monkeypatch.setattr(imatrix_module, "compute_imatrix", lambda *a, **k: pytest.fail("computed again"))
+    [again] = convert(folder, ["gguf:q3_k_s"], tmp_path / "b", verify=False, recipe_options=calib).artifacts
+    assert (again.path / "imatrix.gguf").read_bytes() == (first.path / "imatrix.gguf").read_bytes()
+    calls = []
+    monkeypatch.setattr(imatrix_module, "compute_imatrix", lambda *a, **k: calls.append(1) or computed(*a, **k))
+    convert(folder, ["gguf:q4_0"], tmp_path / "c", verify=False, recipe_options={**calib, "calib_samples": 3})
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("recipe, options, scheme, imatrix", [
+    ("gguf:q4_k_m", {}, "q4_k_m", "auto"),  # below 5 bits: an importance matrix by default
+    ("gguf:q4_k_m+imatrix", {}, "q4_k_m", "auto"),  # the suffix says the default: dropped
+    ("gguf:q4_k_m", {"imatrix": "none"}, "q4_k_m+noimatrix", None),
+    ("gguf:q4_k_m+noimatrix", {"imatrix": "auto"}, "q4_k_m+noimatrix", None),  # the type's suffix wins
+    ("gguf:q2_k", {}, "q2_k", "auto"),
+    ("gguf:iq4_xs", {}, "iq4_xs", "auto"),
+    ("gguf:q4_1", {}, "q4_1", None),  # 5.0 bits: plain by default
+    ("gguf:q6_k", {}, "q6_k", None),
+    ("gguf:q6_k", {"imatrix": "auto"}, "q6_k+imatrix", "auto"),
+    ("gguf:q6_k+noimatrix", {}, "q6_k", None),
+    ("gguf:f16", {"imatrix": "auto"}, "f16", None),  # --imatrix leaves float types alone
+    ("gguf:iq2_xs", {}, "iq2_xs", "auto"),
+])
+def test_importance_matrix_defaults_and_names(recipe, options, scheme, imatrix):
+    """The artifact's name carries +imatrix/+noimatrix exactly when a recipe departs from its
+    type's default (a matrix below 5 bits per weight, none above)."""
+    parsed = parse_recipe(recipe, options)
+    assert (parsed.scheme, parsed.option("imatrix")) == (scheme, imatrix)
+    assert bool(parsed.option("calib_samples")) == (imatrix == "auto")
+
+
+def test_gguf_source_falls_back_to_no_importance_matrix(tiny_model, tmp_path, capsys):
+    """A GGUF source cannot be run on calibration text: the default is quantized without a matrix,
+    saying so; the manifest records the recipe carried out."""
+    [f16] = convert(tiny_model("qwen2"), ["gguf:f16"], tmp_path / "f16", verify=False).artifacts
+    assert main(["convert", str(f16.main_file), "--to", "gguf:q4_k_m", "--no-verify", "-o", str(tmp_path / "q")]) == 0
+    assert "no importance matrix" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "q" / f"{f16.main_file.stem}-q4_k_m" / "manifest.json").read_text())
+    assert manifest["recipe"] == {"format": "gguf", "scheme": "q4_k_m", "options": {}}
+    assert "imatrix" not in manifest["details"]
 
 
 def test_i_quants_need_an_importance_matrix(tiny_model, tmp_path, capsys):

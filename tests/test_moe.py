@@ -120,7 +120,7 @@ def test_importance_matrix_counts_each_experts_own_tokens(tiny_model, tmp_path, 
     (llama-imatrix's layout); the file reads back the same, and quantizing with it beats without."""
     from quantkit.formats.gguf.imatrix import ImportanceMatrix
 
-    result = convert(tiny_model("qwen3_moe"), ["gguf:q3_k_m", "gguf:q3_k_m+imatrix"], tmp_path, verify_texts=verify_texts,
+    result = convert(tiny_model("qwen3_moe"), ["gguf:q3_k_m+noimatrix", "gguf:q3_k_m"], tmp_path, verify_texts=verify_texts,
                      verify_tokens=1024)
     plain, weighted = (a.manifest["details"]["verification"]["kld_mean"] for a in result.artifacts)
     assert weighted < plain

@@ -48,6 +48,11 @@ class Format:
         """The option keys this format accepts in ``parse_recipe``."""
         return frozenset()
 
+    def for_source(self, recipe, source):
+        """The recipe as it will be carried out for ``source``: a default that the source cannot
+        serve falls back here, saying so (the recipe is unchanged otherwise)."""
+        return recipe
+
     def convert(self, source, recipes: Sequence, out_dir: Path, options: ConvertOptions) -> list:
         """Produce one artifact per recipe from ``source`` under ``out_dir``."""
         raise NotImplementedError

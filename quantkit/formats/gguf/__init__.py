@@ -4,13 +4,16 @@ An HF source is written once to a lossless intermediate GGUF (F32, or BF16/F16 w
 source weight already is), and each requested llama.cpp type is quantized from it. A GGUF
 source is re-quantized directly.
 
-With an importance matrix (``gguf:q3_k_m+imatrix``, or ``--imatrix auto|FILE`` for every
-quantized type of a run; always for the i-quants ``iq1_m`` ... ``iq3_m``), llama.cpp weighs each
-weight's rounding error by how large its input column is on calibration text. ``auto`` computes
-it from the HF source on quantkit's calibration windows (the GPTQ text mix, disjoint from the
-evaluation text) on the layer-streaming engine; a FILE is a GGUF imatrix as ``llama-imatrix``
-writes it. The matrix used goes beside the GGUF as ``imatrix.gguf`` (``llama-quantize --imatrix``
-reads it) and its sha256 into the manifest.
+With an importance matrix llama.cpp weighs each weight's rounding error by how large its input
+column is on calibration text. Types below 5 bits per weight (q4_0, q4_k_s/m, iq4_nl/xs, q3_k_*,
+q2_k, the i-quants) use one by default, the others not; ``+imatrix`` / ``+noimatrix`` on a type
+(``gguf:q6_k+imatrix``, ``gguf:q4_k_m+noimatrix``) or ``--imatrix auto|none|FILE`` for the whole
+run depart from that (the i-quants always need one), and the artifact's name carries the suffix
+exactly when it departs. ``auto`` computes the matrix from the HF source on quantkit's calibration
+windows (the GPTQ text mix, disjoint from the evaluation text) on the layer-streaming engine; a
+GGUF source has no float model to run, so there the default falls back to none (a warning). A
+FILE is a GGUF imatrix as ``llama-imatrix`` writes it. The matrix used goes beside the GGUF as
+``imatrix.gguf`` (``llama-quantize --imatrix`` reads it) and its sha256 into the manifest.
 
 ``gguf:auto-BUDGET`` (``gguf:auto-4.5bpw``, ``gguf:auto-240MB``; or ``gguf:auto`` with
 ``--target-bpw``/``--target-size``) chooses a type per tensor under that budget from measured
@@ -19,6 +22,9 @@ sensitivities (:mod:`.auto`), always with an importance matrix.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -26,8 +32,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ...artifact import Artifact, atomic_dir, work_dir, write_manifest
+from ...artifact import Artifact, atomic_dir, atomic_file, work_dir, write_manifest
+from ...embedded import cache_dir
 from ...errors import InputError, RecipeError
+from ...log import logger
 from ...progress import Progress
 from ...recipe import Recipe
 from ...runtimes.llamacpp import check_loads
@@ -35,12 +43,14 @@ from ...source import Source
 from .. import ConvertOptions, Format, register_format
 from ..options import Option, calibration_options, resolve_options
 from .header import read_gguf_summary
-from .quantize import IMATRIX_SCHEMES, QUANT_SCHEMES, quantize_gguf
+from .quantize import DEFAULT_IMATRIX_SCHEMES, IMATRIX_SCHEMES, QUANT_SCHEMES, quantize_gguf
 from .writer import FLOAT_TYPES, tensor_count, write_float_gguf
 
-__all__ = ["GGUFFormat", "QUANT_SCHEMES", "IMATRIX_SUFFIX", "IMATRIX_FILE"]
+__all__ = ["GGUFFormat", "QUANT_SCHEMES", "IMATRIX_SUFFIX", "NO_IMATRIX_SUFFIX", "IMATRIX_FILE", "llama_type"]
 
 IMATRIX_SUFFIX = "+imatrix"
+NO_IMATRIX_SUFFIX = "+noimatrix"
+IMATRIX_CACHE_VERSION = 1  # raise when the computation changes: cached matrices are then computed again
 IMATRIX_FILE = "imatrix.gguf"
 # an importance matrix: "auto" (computed here), a GGUF imatrix file, or "none"; with its calibration
 # text (llama-imatrix reads whole files in windows of 512; 32 windows, 16k tokens, keep the
@@ -77,36 +87,48 @@ def _parse_auto(scheme: str, options: Mapping[str, Any]) -> tuple[str, dict[str,
 
 
 def _parse_gguf_scheme(scheme: str, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(canonical scheme, options) of a GGUF recipe: ``+imatrix`` when an importance matrix is
-    used on a type that has a plain form, and the options only then."""
+    """(canonical scheme, options) of a GGUF recipe. Types below 5 bits are quantized with an
+    importance matrix by default, the others without; the scheme carries ``+imatrix`` or
+    ``+noimatrix`` only where a recipe departs from its type's default, and the options only
+    when a matrix is used. A suffix on the type wins over the run's ``--imatrix``."""
     if scheme == "auto" or scheme.startswith("auto-"):
         return _parse_auto(scheme, options)
-    base = scheme.removesuffix(IMATRIX_SUFFIX)
+    base = scheme.removesuffix(IMATRIX_SUFFIX).removesuffix(NO_IMATRIX_SUFFIX)
     if base not in QUANT_SCHEMES:
-        raise RecipeError(f"unknown GGUF type {base!r}; known: {', '.join(QUANT_SCHEMES)} (quantized types take {IMATRIX_SUFFIX})")
+        raise RecipeError(f"unknown GGUF type {base!r}; known: {', '.join(QUANT_SCHEMES)} "
+                          f"(quantized types take {IMATRIX_SUFFIX} or {NO_IMATRIX_SUFFIX})")
     imatrix = options.get("imatrix")
     if imatrix is not None and imatrix not in ("auto", "none"):
         path = Path(str(imatrix)).expanduser()
         if not path.is_file():
             raise RecipeError(f"GGUF option imatrix={imatrix!r}: expected auto, none or a GGUF imatrix file")
         imatrix = str(path)
-    quantized = base not in FLOAT_TYPES
-    if scheme != base and not quantized:
+    if scheme != base and base in FLOAT_TYPES:
         raise RecipeError(f"gguf:{scheme}: {base} is not quantized; an importance matrix is for quantized types")
-    if base in IMATRIX_SCHEMES:
-        if imatrix == "none":
-            raise RecipeError(f"gguf:{base} needs an importance matrix: use --imatrix auto (the default for it) or a FILE")
-        imatrix = imatrix or "auto"
-    elif scheme != base:
-        imatrix = imatrix if imatrix not in (None, "none") else "auto"
-    elif imatrix == "none" or not quantized:
+    if scheme.endswith(NO_IMATRIX_SUFFIX) or (scheme == base and imatrix == "none"):
         imatrix = None
+    elif scheme.endswith(IMATRIX_SUFFIX):
+        imatrix = imatrix if imatrix not in (None, "none") else "auto"
+    elif base in FLOAT_TYPES:
+        imatrix = None
+    else:
+        imatrix = imatrix or ("auto" if base in DEFAULT_IMATRIX_SCHEMES else None)
+    if imatrix is None and base in IMATRIX_SCHEMES:
+        raise RecipeError(f"gguf:{base} needs an importance matrix: use --imatrix auto (the default for it) or a FILE")
+    default = base in DEFAULT_IMATRIX_SCHEMES
+    canonical = base if (imatrix is not None) == default or base in FLOAT_TYPES else \
+        base + (IMATRIX_SUFFIX if imatrix else NO_IMATRIX_SUFFIX)
     if imatrix is None:
-        return base, {}
+        return canonical, {}
     values = resolve_options("GGUF", CALIBRATION, {k: v for k, v in options.items() if k in CALIBRATION})
     if imatrix != "auto":  # a file brings its own calibration
         values = {}
-    return (base if base in IMATRIX_SCHEMES else base + IMATRIX_SUFFIX), {"imatrix": imatrix, **values}
+    return canonical, {"imatrix": imatrix, **values}
+
+
+def llama_type(scheme: str) -> str:
+    """The llama.cpp type of a canonical GGUF scheme (``q4_k_m+noimatrix``: ``q4_k_m``)."""
+    return scheme.removesuffix(IMATRIX_SUFFIX).removesuffix(NO_IMATRIX_SUFFIX)
 
 
 def _lossless_type(source: Source) -> str:
@@ -135,6 +157,16 @@ class GGUFFormat(Format):
     def parse_recipe(self, scheme: str, options: Mapping[str, Any] | None = None) -> Recipe:
         scheme, values = _parse_gguf_scheme(scheme, options or {})
         return Recipe("gguf", scheme, tuple(sorted(values.items())))
+
+    def for_source(self, recipe: Recipe, source: Source) -> Recipe:
+        """A GGUF source cannot be run on calibration text: a type quantized with an importance
+        matrix by default is quantized without one (a warning; ``--imatrix FILE`` brings one)."""
+        if source.kind == "hf" or recipe.option("imatrix") != "auto" or recipe.scheme in IMATRIX_SCHEMES \
+                or recipe.scheme not in DEFAULT_IMATRIX_SCHEMES:
+            return recipe
+        logger.warning(f"gguf:{recipe.scheme}: no importance matrix (it is computed from an HF checkpoint, "
+                       f"and {source.id} is a GGUF file); quantized without one. --imatrix FILE uses a llama-imatrix file")
+        return Recipe("gguf", recipe.scheme)
 
     def convert(
         self, source: Source, recipes: Sequence[Recipe], out_dir: Path, options: ConvertOptions
@@ -192,7 +224,7 @@ class GGUFFormat(Format):
                     else:
                         total = read_gguf_summary(base)["tensor_count"]
                         with progress.task(f"quantizing {recipe.scheme}", total) as advance:
-                            quantize_gguf(base, out, recipe.scheme.removesuffix(IMATRIX_SUFFIX), threads=options.threads,
+                            quantize_gguf(base, out, llama_type(recipe.scheme), threads=options.threads,
                                           advance=advance, imatrix=imatrix)
                     info = {**details, **read_gguf_summary(out), "intermediate": base_type}
                     if auto_info is not None:
@@ -263,8 +295,19 @@ def _imatrix(source: Source, recipe: Recipe, path: Path, progress: Progress) -> 
     opts = dict(recipe.options)
     _, windows, calibration = source_windows(source.path, opts)
     datasets = [Path(opts["calib"]).name if opts["calib"] else f"quantkit calibration mix ({', '.join(calibration['windows_per_domain'])})"]
-    matrix = compute_imatrix(source, windows, datasets=datasets,
-                             task=lambda what, total: progress.task(f"importance matrix: {what}", total))
+    # the same source and calibration windows give the same matrix: kept in quantkit's cache, so a
+    # later conversion (another type, the planner's next candidate) does not run the model again
+    key = hashlib.sha256(json.dumps([IMATRIX_CACHE_VERSION, source.fingerprint, datasets, windows]).encode()).hexdigest()
+    cached = cache_dir() / "imatrix" / f"{key[:32]}.gguf"
+    try:
+        matrix = ImportanceMatrix.read(cached) if cached.is_file() else None
+    except InputError:  # damaged: computed again
+        matrix = None
+    if matrix is None:
+        matrix = compute_imatrix(source, windows, datasets=datasets,
+                                 task=lambda what, total: progress.task(f"importance matrix: {what}", total))
+        with contextlib.suppress(OSError), atomic_file(cached) as tmp:
+            matrix.write(tmp)
     matrix.write(path)
     return path, {"file": IMATRIX_FILE, "sha256": matrix.digest(), "datasets": datasets, "tensors": len(matrix.sums),
                   "calibration": calibration}

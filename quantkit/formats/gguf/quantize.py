@@ -14,7 +14,7 @@ import numpy as np
 
 from ...errors import ConversionError
 
-__all__ = ["QUANT_SCHEMES", "IMATRIX_SCHEMES", "quantize_gguf", "tensor_type_id"]
+__all__ = ["QUANT_SCHEMES", "IMATRIX_SCHEMES", "DEFAULT_IMATRIX_SCHEMES", "base_tensor_type", "quantize_gguf", "tensor_type_id"]
 
 F = gguf.LlamaFileType
 # recipe scheme -> llama.cpp file type
@@ -51,6 +51,26 @@ QUANT_SCHEMES: dict[str, gguf.LlamaFileType] = {
 #: the types quantized with an importance matrix always: llama.cpp refuses most of them without
 #: one, and the others (iq3_s, iq3_m) are built for one
 IMATRIX_SCHEMES = frozenset(s for s in QUANT_SCHEMES if s.startswith(("iq3", "iq2", "iq1")))
+
+
+def base_tensor_type(scheme: str) -> gguf.GGMLQuantizationType:
+    """The tensor type most of a llama.cpp file type's weights get (q4_k_m: Q4_K, iq4_xs: IQ4_XS)."""
+    name = scheme.upper()
+    if name not in gguf.GGMLQuantizationType.__members__:  # Q4_K_M, IQ3_M: a mix's size suffix
+        name = name.rsplit("_", 1)[0] + ("_S" if name.startswith("IQ") else "")
+    return gguf.GGMLQuantizationType[name]
+
+
+def _bits(scheme: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[base_tensor_type(scheme)]
+    return size * 8 / block
+
+
+#: the types quantized with an importance matrix by default (computed on quantkit's calibration
+#: text when the source is an HF checkpoint): every type whose base tensor type has fewer than 5
+#: bits per weight, where weighing the rounding error pays most (q4_0, q4_k_s/m, iq4_nl/xs, q3_k_*,
+#: q2_k; not q4_1's 5.0); the i-quants always
+DEFAULT_IMATRIX_SCHEMES = frozenset(s for s in QUANT_SCHEMES if s not in ("f32", "f16", "bf16") and _bits(s) < 5) | IMATRIX_SCHEMES
 # llama.cpp logs "[  12/ 236]  blk.0.attn_k.weight - ..." once per tensor
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
