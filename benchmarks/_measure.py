@@ -40,17 +40,21 @@ def _embedded_fingerprint() -> str:
     return resolve_source(None).fingerprint  # hashes the checkpoint's files: once per process
 
 
-def cached_embedded_artifact(folder: Path) -> bool:
+def cached_embedded_artifact(folder: Path, recipe: str) -> bool:
     """Whether a cached artifact of the embedded model under out/bench can be reused: False (and
-    the folder removed) when it was built from an older embedded checkpoint."""
+    the folder removed) when it was built from an older embedded checkpoint or by another recipe
+    than ``recipe`` means now (a default that changed, such as the importance matrix below 5 bits)."""
     import json
     import shutil
+
+    from quantkit.recipe import parse_recipe
 
     if not folder.is_dir():
         return False
     manifest = folder / "manifest.json"
-    recorded = json.loads(manifest.read_text()).get("source", {}).get("fingerprint") if manifest.is_file() else None
-    if recorded == _embedded_fingerprint():
+    recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    wanted = json.loads(json.dumps(parse_recipe(recipe).to_dict()))
+    if recorded.get("source", {}).get("fingerprint") == _embedded_fingerprint() and recorded.get("recipe") == wanted:
         return True
     shutil.rmtree(folder)
     return False

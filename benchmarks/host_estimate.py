@@ -35,7 +35,7 @@ def main() -> None:
     arts = {}
     for scheme in ("q8_0", "q4_k_m"):
         arts[scheme] = out / f"gemma-3-270m-{scheme}"
-        if not cached_embedded_artifact(arts[scheme]):
+        if not cached_embedded_artifact(arts[scheme], f"gguf:{scheme}"):
             convert(None, [f"gguf:{scheme}"], out, verify=False)
     calibration = out / "host-estimate-q8_0.json"
     base = profile(arts["q8_0"], quality=False, profiles=["host"], threads=args.threads)

@@ -69,7 +69,7 @@ def main() -> None:
     model_dir = args.model
     if model_dir is None:
         model_dir = REPO / "out" / "bench" / "gemma-3-270m-q4_k_m"
-        if not cached_embedded_artifact(model_dir):
+        if not cached_embedded_artifact(model_dir, "gguf:q4_k_m"):
             convert(None, ["gguf:q4_k_m"], model_dir.parent, verify=False)
     _fmt, gguf_file, _ = locate_artifact(model_dir)
     eval_data = ["code"]  # the stdlib code domain: long enough for many windows on every machine

@@ -41,7 +41,7 @@ def main() -> None:
     rows, reports = [], {}
     for scheme in SCHEMES:
         art = out / f"gemma-3-270m-{scheme}"
-        if not cached_embedded_artifact(art):
+        if not cached_embedded_artifact(art, f"gguf:{scheme}"):
             convert(None, [f"gguf:{scheme}"], out, verify=False)
         start = time.perf_counter()
         report = profile(art, latency=False, threads=args.threads, chunks=2 if args.quick else None)

@@ -191,7 +191,7 @@ def main() -> None:
 
     out = REPO / "out" / "bench"
     gemma = out / "gemma-3-270m-q4_k_m"
-    if not cached_embedded_artifact(gemma):
+    if not cached_embedded_artifact(gemma, "gguf:q4_k_m"):
         convert(None, ["gguf:q4_k_m"], out, verify=False)
     header = out / NAME / "llama-3.1-8b-shape-Q4_K_M.gguf"
     header.parent.mkdir(parents=True, exist_ok=True)

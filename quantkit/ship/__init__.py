@@ -243,14 +243,22 @@ def _card(folder: Path, manifest: dict[str, Any], profile, summary: dict[str, An
     recipe = manifest["recipe"]
     fmt = recipe["format"]
     source = manifest["source"]
+    imatrix = manifest.get("details", {}).get("imatrix")
     front: dict[str, Any] = {**_source_card(str(source.get("id", ""))), "base_model_relation": "quantized",
-                             "library_name": _LIBRARY.get(fmt, fmt), "tags": ["quantkit", fmt, recipe["scheme"]]}
+                             "library_name": _LIBRARY.get(fmt, fmt),
+                             "tags": ["quantkit", fmt, recipe["scheme"], *(["imatrix"] if imatrix else [])]}
     if "base_model" not in front:
         front.pop("base_model_relation")
     lines = ["---", yaml.safe_dump(front, sort_keys=True).strip(), "---", "", f"# {folder.name}", "",
              f"`{fmt}:{recipe['scheme']}` of `{source.get('id')}` (source fingerprint `{source.get('fingerprint', '')[:16]}...`), "
              f"made by quantkit {manifest.get('tool_versions', {}).get('quantkit', '')}; the manifest in `model/` lists every file "
              "with its sha256, and `SHA256SUMS` covers the bundle (`sha256sum -c SHA256SUMS`).", ""]
+    if imatrix:
+        calibration = imatrix.get("calibration") or {}
+        amount = f", {calibration['samples']} windows of {calibration['seqlen']} tokens" if "samples" in calibration else ""
+        lines += [f"Quantized with an importance matrix ({', '.join(imatrix.get('datasets') or ['a llama-imatrix file'])}{amount}); "
+                  f"it is `model/{imatrix.get('file', 'imatrix.gguf')}` (llama.cpp's GGUF imatrix format, "
+                  "`llama-quantize --imatrix` reads it).", ""]
     if fmt == "gguf":
         from ..report.render import fit_text
 
