@@ -213,9 +213,14 @@ def test_minilm_encoder_int8(tmp_path):
     assert 0.99 <= v["onnx:int8"]["cosine_mean"] < v["onnx:fp32"]["cosine_mean"]
     assert v["onnx:int8-static"]["cosine_mean"] >= 0.98
     assert (arts["onnx:int8"].path / "1_Pooling" / "config.json").is_file()  # pooling travels along
-    # fp32 for ONNX Runtime carries its fused attention (one per layer); the NPU recipe standard operators only
+    # fp32 for ONNX Runtime carries its fused attention (one per layer), int8 the quantized
+    # QAttention with nothing float left of the packed q/k/v weights; the NPU recipe standard operators only
     fp32 = arts["onnx:fp32"].manifest["details"]
     assert fp32["ort_fusions"]["attention"] == 6 and "com.microsoft::Attention" in fp32["graph"]["operators"]
+    int8 = arts["onnx:int8"].manifest["details"]
+    assert int8["ort_fusions"]["attention"] == 6 and int8["graph"]["operators"]["com.microsoft::QAttention"] == 6
+    assert "com.microsoft::Attention" not in int8["graph"]["operators"]
+    assert arts["onnx:int8"].file_bytes < 36e6  # 0.1's int8 (standard operators) was 34.8 MB
     assert not any(op.startswith("com.microsoft::") for op in arts["onnx:int8-static"].manifest["details"]["graph"]["operators"])
     report = profile(arts["onnx:int8"].path, eval_data=["en", "zh"], ctx=256, chunks=1)
     assert report["artifact"]["kind"] == "encoder"

@@ -4,7 +4,8 @@ own quantizers:
 * ``fp16``: every float tensor in float16, inputs and outputs kept float32;
 * ``int8``: dynamic quantization (``quantize_dynamic``): int8 per-channel weights of the
   MatMul/Gemm nodes and the embedding table (``Gather``), activations quantized per tensor at run
-  time (QOperator ``MatMulInteger``/``DynamicQuantizeLinear``); the feed-forward down projections
+  time (QOperator ``MatMulInteger``/``DynamicQuantizeLinear``; an encoder's fused Attention
+  becomes ``QAttention``, its packed q/k/v weights int8); the feed-forward down projections
   stay float (see below: on Gemma 3 270M quantizing them raises the KLD from 0.060 to 0.147);
 * ``int8-static``: QDQ (``QuantizeLinear``/``DequantizeLinear`` pairs) with activation ranges
   calibrated on token windows, the form NPU compilers that need static ranges accept. Weights
@@ -91,15 +92,56 @@ def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
     rewrites turn each attention subgraph into one ``com.microsoft::Attention`` (its q/k/v
     projections in one GEMM), residual adds and LayerNorms into ``SkipLayerNormalization``, bias
     and GELU into ``BiasGelu``. The dynamo graph has none of these patterns where ORT's own BERT
-    optimizer looks for them (it fuses no Attention there). Returns the count of each fusion made."""
+    optimizer looks for them (it fuses no Attention there). Returns the count of each fusion made.
+
+    The rewrite leaves each packed q/k/v weight as a ``Concat`` of the three initializers and
+    states ``qkv_hidden_sizes`` even when they are equal (the default): both are folded away here,
+    so that ONNX Runtime's dynamic quantizer can turn each Attention into a ``QAttention`` (it
+    skips an Attention with that attribute, and leaves the Concat's float inputs behind)."""
+    import onnx
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(str(src))
     with quiet():
         _, counts = optimize_for_ort(model)
-    ir.save(model, str(dst), external_data=f"{dst.name}.data" if _large(src) else None)
+    proto = ir.to_proto(model)
+    _fold_packed_weights(proto)
+    if _large(src):
+        onnx.save_model(proto, str(dst), save_as_external_data=True, location=f"{dst.name}.data")
+    else:
+        onnx.save_model(proto, str(dst))
     return {name: int(n) for name, n in sorted(counts.items()) if n}
+
+
+def _fold_packed_weights(model) -> None:
+    """Concats of initializers become one initializer; Attention's ``qkv_hidden_sizes`` goes
+    where q, k and v are of one size (the operator's default then)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Concat" and node.domain in ("", "ai.onnx") and node.input and all(x in inits for x in node.input):
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            arrays = [numpy_helper.to_array(inits[x]) for x in node.input]
+            folded = numpy_helper.from_array(np.concatenate(arrays, axis=axis), node.output[0])
+            graph.initializer.append(folded)
+            inits[folded.name] = folded
+            continue
+        if node.op_type == "Attention":
+            for attr in list(node.attribute):
+                if attr.name == "qkv_hidden_sizes" and len(set(attr.ints)) == 1:
+                    node.attribute.remove(attr)
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
 
 
 def int8_dynamic(src: Path, dst: Path) -> dict:
@@ -110,7 +152,7 @@ def int8_dynamic(src: Path, dst: Path) -> dict:
     with quiet():
         quantize_dynamic(
             str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-            op_types_to_quantize=[*QUANTIZED_OPS, "Gather"], nodes_to_exclude=down,
+            op_types_to_quantize=[*QUANTIZED_OPS, "Attention", "Gather"], nodes_to_exclude=down,
             use_external_data_format=_large(src),
         )
     return {"float_down_projections": len(down)}
