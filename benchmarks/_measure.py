@@ -4,6 +4,7 @@ and Markdown tables (the same text is printed and, through benchmarks/readme.py,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -38,6 +39,33 @@ def _embedded_fingerprint() -> str:
     from quantkit.source import resolve_source
 
     return resolve_source(None).fingerprint  # hashes the checkpoint's files: once per process
+
+
+@contextlib.contextmanager
+def cold_cache(drop: tuple[str, ...], work: Path):
+    """quantkit's cache without the ``drop`` entries (reference logits, importance matrices), so
+    a timing includes computing them as a first run does; the rest (the embedded model's files)
+    is reused. Set through $QUANTKIT_CACHE, so child processes see it too."""
+    import shutil
+    import tempfile
+
+    from quantkit.embedded import cache_dir
+
+    real = cache_dir()
+    work.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix="quantkit-cache-", dir=work))
+    for entry in real.iterdir() if real.is_dir() else ():
+        if entry.name not in drop:
+            (fresh / entry.name).symlink_to(entry)
+    previous, os.environ["QUANTKIT_CACHE"] = os.environ.get("QUANTKIT_CACHE"), str(fresh)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("QUANTKIT_CACHE")
+        else:
+            os.environ["QUANTKIT_CACHE"] = previous
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 def cached_embedded_artifact(folder: Path, recipe: str) -> bool:

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import markdown_table, measure, results_dir, write_results  # noqa: E402
+from _measure import cold_cache, markdown_table, measure, results_dir, write_results  # noqa: E402
 from _models import random_llama  # noqa: E402
 
 NAME = "gemma_recipes"
@@ -41,7 +41,10 @@ PLOT = "gemma_size_vs_kld.svg"
 PLOT_LEFT_OUT = ("onnx:fp32",)
 # conversion groups, converted in this order (a group is one `quantkit convert` process)
 GROUPS: tuple[tuple[str, ...], ...] = (
-    ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:q3_k_m", "gguf:q2_k"),
+    # below 5 bits GGUF types carry quantkit's importance matrix by default; q4_0+noimatrix is llama.cpp's
+    # plain round to nearest, the like of onnx:int4
+    ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:q4_0+noimatrix", "gguf:q3_k_m",
+     "gguf:q2_k"),
     # ONNX decoders: each built by onnxruntime-genai's builder on its own (no shared export)
     ("onnx:fp32",), ("onnx:int8",), ("onnx:int4",), ("onnx:int4-kquant",), ("onnx:int4-gptq",),
     ("gptq:w4g128",),
@@ -53,7 +56,8 @@ QUICK_GROUPS: tuple[tuple[str, ...], ...] = (
     ("gguf:q8_0", "gguf:q4_k_m"), ("onnx:fp32", "onnx:int8", "onnx:int4"), ("gptq:w4g128",), ("gptq:w4g128-rtn",), ("bnb:nf4",),
 )
 GPTQ_SET = ("gptq:w4g128", "gptq:w4g128-rtn", "bnb:nf4")
-ONNX_SET = ("onnx:fp32", "onnx:int8", "onnx:int4", "onnx:int4-kquant", "onnx:int4-gptq", "gguf:q8_0", "gguf:q4_k_m", "gguf:q4_0")
+ONNX_SET = ("onnx:fp32", "onnx:int8", "onnx:int4", "onnx:int4-kquant", "onnx:int4-gptq", "gguf:q8_0", "gguf:q4_k_m", "gguf:q4_0",
+            "gguf:q4_0+noimatrix")
 
 
 def _artifacts(folder: Path) -> dict[str, Path]:
@@ -94,8 +98,9 @@ def run_group(group: tuple[str, ...], source: list[str], work: Path, chunks: int
     folder = work / "-".join(r.replace(":", "_") for r in group)[:80]
     shutil.rmtree(folder, ignore_errors=True)
     print(f"converting {', '.join(group)} ...", flush=True)
-    converted = measure([quantkit, "-q", "convert", *source, *(a for r in group for a in ("--to", r)), "--no-verify",
-                         "--threads", str(threads), "-o", str(folder)], REPO)
+    with cold_cache(("imatrix",), work):  # a conversion's time includes its importance matrix, as a first run's
+        converted = measure([quantkit, "-q", "convert", *source, *(a for r in group for a in ("--to", r)), "--no-verify",
+                             "--threads", str(threads), "-o", str(folder)], REPO)
     print(f"  {converted[0]:.1f} s, peak RSS {converted[1] / 1e6:,.0f} MB", flush=True)
     paths = _artifacts(folder)
     rows = []
@@ -158,11 +163,11 @@ def onnx_table(result: dict) -> str:
         table += "\nConverting (one process each): " + "; ".join(
             f"`{r['recipe']}` {r['convert']['wall_s']:.0f} s, peak RSS {r['convert']['peak_rss_bytes'] / 1e6:,.0f} MB"
             for r in onnx) + ".\n"
-    # like for like: 8-bit against Q8_0, 4-bit round-to-nearest blocks of 32 against Q4_0
+    # like for like: 8-bit against Q8_0, 4-bit round-to-nearest blocks of 32 against plain Q4_0
     if "onnx:int4-gptq" in by and "onnx:int4" in by:
         table += (f"\n`onnx:int4-gptq` (quantkit's GPTQ checkpoint in `MatMulNBits`) has {by['onnx:int4-gptq']['kld_mean'] / by['onnx:int4']['kld_mean']:.2f}x "
                   "the KLD of the round-to-nearest `onnx:int4` (quantkit's RTN checkpoint in the same operators).\n")
-    for onnx, gguf in (("onnx:int8", "gguf:q8_0"), ("onnx:int4", "gguf:q4_0")):
+    for onnx, gguf in (("onnx:int8", "gguf:q8_0"), ("onnx:int4", "gguf:q4_0+noimatrix")):
         if onnx in by and gguf in by:
             a, b = by[onnx], by[gguf]
             table += (f"\n`{onnx}` against `{gguf}`: decode {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x, "

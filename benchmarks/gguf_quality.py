@@ -33,7 +33,7 @@ import gguf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import llama_cpp_sdist, markdown_table, write_results  # noqa: E402
+from _measure import cold_cache, llama_cpp_sdist, markdown_table, write_results  # noqa: E402
 
 NAME = "gguf_quality"
 SAMPLES, SEQLEN = 32, 512
@@ -181,8 +181,9 @@ def run_model(model: str, hf_dir: Path, types: list[str], auto_at: list[str], to
             start = time.perf_counter()
             recipe = qtype if iquant else qtype + "+imatrix"
             shutil.rmtree(work / "quantkit", ignore_errors=True)
-            [art] = convert(str(hf_dir), [f"gguf:{recipe}"], work / "quantkit", verify=False, threads=args.threads,
-                            recipe_options=calibration).artifacts
+            with cold_cache(("imatrix",), work):  # every row pays for its matrix, as llama.cpp's rows do
+                [art] = convert(str(hf_dir), [f"gguf:{recipe}"], work / "quantkit", verify=False, threads=args.threads,
+                                recipe_options=calibration).artifacts
             ours = work / f"{qtype}-quantkit.gguf"
             shutil.copyfile(art.main_file, ours)
             files[QUANTKIT] = ours, time.perf_counter() - start
@@ -196,8 +197,9 @@ def run_model(model: str, hf_dir: Path, types: list[str], auto_at: list[str], to
     if auto_at:
         start = time.perf_counter()
         shutil.rmtree(work / "auto", ignore_errors=True)
-        arts = convert(str(hf_dir), [f"gguf:auto-{plain_sizes[t]}" for t in auto_at], work / "auto", verify=False,
-                       threads=args.threads, recipe_options=calibration).artifacts
+        with cold_cache(("imatrix",), work):
+            arts = convert(str(hf_dir), [f"gguf:auto-{plain_sizes[t]}" for t in auto_at], work / "auto", verify=False,
+                           threads=args.threads, recipe_options=calibration).artifacts
         seconds = time.perf_counter() - start
         for qtype, art in zip(auto_at, arts, strict=True):
             info = art.manifest["details"]["auto"]

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import cached_embedded_artifact, markdown_table, write_results  # noqa: E402
+from _measure import cached_embedded_artifact, cold_cache, markdown_table, write_results  # noqa: E402
 
 from quantkit.api import convert, profile  # noqa: E402
 
@@ -44,24 +42,8 @@ def main() -> None:
     for scheme in SCHEMES:  # converted first: the profiles then run back to back
         if not cached_embedded_artifact(out / f"gemma-3-270m-{scheme}", f"gguf:{scheme}"):
             convert(None, [f"gguf:{scheme}"], out, verify=False)
-    # a cold reference cache, so the first profile's time is what a first run takes (the
-    # embedded model's own files are reused from quantkit's cache)
-    from quantkit.embedded import cache_dir
-
-    real = cache_dir()
-    fresh = Path(tempfile.mkdtemp(prefix="quantkit-cache-", dir=out))
-    for entry in real.iterdir() if real.is_dir() else ():
-        if entry.name != "reference":
-            (fresh / entry.name).symlink_to(entry)
-    previous, os.environ["QUANTKIT_CACHE"] = os.environ.get("QUANTKIT_CACHE"), str(fresh)
-    try:
+    with cold_cache(("reference",), out):  # the first profile's time is what a first run takes
         _profiles(args, out, rows, reports)
-    finally:
-        if previous is None:
-            os.environ.pop("QUANTKIT_CACHE")
-        else:
-            os.environ["QUANTKIT_CACHE"] = previous
-        shutil.rmtree(fresh, ignore_errors=True)
     pairs = []
     for a, b in zip(SCHEMES, SCHEMES[1:], strict=False):
         qa, qb = reports[a]["quality"], reports[b]["quality"]

@@ -188,6 +188,7 @@ def plan_rows(folder: Path) -> list[dict]:
 
 def main() -> None:
     from quantkit.api import convert
+    from quantkit.profile.run import locate_artifact
 
     out = REPO / "out" / "bench"
     gemma = out / "gemma-3-270m-q4_k_m"
@@ -198,7 +199,7 @@ def main() -> None:
     size = llama_8b_q4_k_m(header)
     moe = out / NAME / "qwen3-30b-a3b-shape-Q4_K_M.gguf"
     moe_size = qwen3_30b_a3b_q4_k_m(moe)
-    rows = (rows_for("Gemma 3 270M q4_k_m", next(gemma.glob("*.gguf"))) + rows_for("Llama-3.1-8B-shaped q4_k_m", header)
+    rows = (rows_for("Gemma 3 270M q4_k_m", locate_artifact(gemma)[1]) + rows_for("Llama-3.1-8B-shaped q4_k_m", header)
             + rows_for("Qwen3-30B-A3B-shaped q4_k_m", moe))
     result = {"rows": rows, "plan_rows": plan_rows(out / NAME), "llama_8b_file_bytes": size, "published_8b_file_bytes": PUBLISHED_8B_Q4_K_M_BYTES,
               "qwen3_30b_a3b_file_bytes": moe_size, "published_30b_a3b_file_bytes": PUBLISHED_30B_A3B_Q4_K_M_BYTES}

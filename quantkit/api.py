@@ -138,8 +138,11 @@ def memory_refusal(predicted: list[dict[str, Any]], available: int | None) -> st
     if not over:
         return None
     worst = max(over, key=lambda p: p["total_bytes"])
-    other = {k: v for k, v in worst.get("phases", {}).items() if k != "verify"}
-    hint = f", --no-verify (peak {max(other.values()) / 1e9:.1f} GB)" if worst["phase"] == "verify" and other else ""
+    hint = ""
+    for phase, option in (("verify", "--no-verify"), ("imatrix", "--imatrix none")):
+        other = {k: v for k, v in worst.get("phases", {}).items() if k != phase}
+        if worst["phase"] == phase and other:
+            hint = f", {option} (peak {max(other.values()) / 1e9:.1f} GB)"
     return (f"{worst['recipe']}: predicted peak memory {worst['total_bytes'] / 1e9:.1f} GB ({worst['phase']}) exceeds the "
             f"{available / 1e9:.1f} GB available; free memory{hint}, or pass --ignore-memory to try anyway")
 

@@ -58,7 +58,12 @@ class Artifact:
 
     @property
     def file_bytes(self) -> int:
-        return sum(f["bytes"] for f in self.manifest["files"])
+        """Bytes of the artifact's files; a GGUF's is its one model file (the importance matrix
+        beside it is a by-product llama.cpp does not load)."""
+        files = self.manifest["files"]
+        if self.manifest.get("recipe", {}).get("format") == "gguf":
+            files = [f for f in files if f["path"] == self.main_file.name] or files
+        return sum(f["bytes"] for f in files)
 
 
 def sha256_file(path: Path, block_bytes: int = 1 << 22) -> str:

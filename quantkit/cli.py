@@ -62,7 +62,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--opset", type=click.IntRange(11), default=None, help="ONNX, torch.onnx exports (encoders, static shapes): opset [18].")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None, help="ONNX int4/int8: MatMulNBits compute type, 4 = int8 activations [the builder's: 4 on the CPU].")
 @click.option("--head", type=click.Choice(["same", "int8", "float"]), default=None, help="ONNX int4/int8 decoders: output head (and tied embedding) in the recipe's bits, int8 or float [same].")
-@click.option("--ort-fusions/--no-ort-fusions", default=None, help="ONNX fp32 encoders: ONNX Runtime's fused Attention/SkipLayerNorm/BiasGelu (com.microsoft operators); off for other runtimes [on].")
+@click.option("--ort-fusions/--no-ort-fusions", default=None, help="ONNX fp32 and int8 encoders: ONNX Runtime's fused Attention/SkipLayerNorm/BiasGelu (com.microsoft operators; int8: QAttention); off for other runtimes [on].")
 @click.option("--seed", type=int, default=None, help="Seed for calibration sampling [0].")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--dry-run", is_flag=True, help="Print each recipe's predicted peak memory and the memory available; convert nothing.")

@@ -174,6 +174,17 @@ def _state(path: Path, fingerprint: str) -> dict[str, Any]:
     return {"source_fingerprint": fingerprint, "done": {}}
 
 
+def _same_recipe(artifact: Path, recipe: str, static: bool) -> bool:
+    """Whether an artifact a resumed plan made is what ``recipe`` means now (an older quantkit's
+    defaults differ, e.g. the importance matrix below 5 bits): redone otherwise."""
+    from .artifact import read_manifest
+    from .recipe import parse_recipe
+
+    manifest = read_manifest(artifact)
+    options = {"static_shapes": True} if static and recipe.startswith("onnx:") else {}
+    return manifest is not None and manifest.get("recipe") == json.loads(json.dumps(parse_recipe(recipe, options).to_dict()))
+
+
 def plan(
     source,
     profile_name: str,
@@ -265,7 +276,8 @@ def plan(
     for cand, row in queue:
         key = f"{cand.recipe}|static={static}|ctx={ctx}|chunks={chunks}"
         done = state["done"].get(key)
-        if done and Path(done["report"]).is_file() and Path(done["artifact"]).is_dir():
+        if done and Path(done["report"]).is_file() and Path(done["artifact"]).is_dir() \
+                and _same_recipe(Path(done["artifact"]), cand.recipe, static):
             check_artifact(Path(done["artifact"]), read_manifest(Path(done["artifact"])), hashes=False)
             report = read_report(done["report"])  # schema-checked: a damaged report is bad input
             row["resumed"] = True

@@ -7,6 +7,22 @@ import pytest
 from tiny_models import TOKENIZER_FOR, build_tiny_model, shared_text, train_byte_bpe, train_spm
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """quantkit's cache for the test session: the embedded model's files are shared with the
+    user's cache (building them takes minutes); computed results (importance matrices, reference
+    logits) start empty, so no test passes on what an older build computed."""
+    from quantkit.embedded import cache_dir
+
+    real, fresh = cache_dir(), tmp_path_factory.mktemp("quantkit-cache")
+    for name in ("downloads", "models"):
+        (real / name).mkdir(parents=True, exist_ok=True)
+        (fresh / name).symlink_to(real / name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QUANTKIT_CACHE", str(fresh))
+        yield fresh
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # tests never reach a hub

@@ -11,6 +11,7 @@ import pytest
 
 from quantkit.api import convert
 from quantkit.cli import main
+from quantkit.errors import RecipeError
 from quantkit.recipe import parse_recipe
 
 
@@ -131,10 +132,15 @@ def test_importance_matrix_is_computed_once_per_source_and_calibration(tiny_mode
     ("gguf:q6_k+noimatrix", {}, "q6_k", None),
     ("gguf:f16", {"imatrix": "auto"}, "f16", None),  # --imatrix leaves float types alone
     ("gguf:iq2_xs", {}, "iq2_xs", "auto"),
+    ("gguf:q6_k+imatrix+noimatrix", {}, None, None),  # one suffix at most
 ])
 def test_importance_matrix_defaults_and_names(recipe, options, scheme, imatrix):
     """The artifact's name carries +imatrix/+noimatrix exactly when a recipe departs from its
     type's default (a matrix below 5 bits per weight, none above)."""
+    if scheme is None:
+        with pytest.raises(RecipeError):
+            parse_recipe(recipe, options)
+        return
     parsed = parse_recipe(recipe, options)
     assert (parsed.scheme, parsed.option("imatrix")) == (scheme, imatrix)
     assert bool(parsed.option("calib_samples")) == (imatrix == "auto")
@@ -146,8 +152,8 @@ def test_gguf_source_falls_back_to_no_importance_matrix(tiny_model, tmp_path, ca
     [f16] = convert(tiny_model("qwen2"), ["gguf:f16"], tmp_path / "f16", verify=False).artifacts
     assert main(["convert", str(f16.main_file), "--to", "gguf:q4_k_m", "--no-verify", "-o", str(tmp_path / "q")]) == 0
     assert "no importance matrix" in capsys.readouterr().err
-    manifest = json.loads((tmp_path / "q" / f"{f16.main_file.stem}-q4_k_m" / "manifest.json").read_text())
-    assert manifest["recipe"] == {"format": "gguf", "scheme": "q4_k_m", "options": {}}
+    manifest = json.loads((tmp_path / "q" / f"{f16.main_file.stem}-q4_k_m+noimatrix" / "manifest.json").read_text())
+    assert manifest["recipe"] == {"format": "gguf", "scheme": "q4_k_m+noimatrix", "options": {}}
     assert "imatrix" not in manifest["details"]
 
 

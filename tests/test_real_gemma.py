@@ -182,3 +182,34 @@ def test_plan_for_raspberry_pi(tmp_path):
     pi = report["targets"][0]
     assert pi["name"] == "raspberry-pi-5-8gb" and pi["fits"] and pi["compatible"]
     print("plan:", [(c["recipe"], c["status"], c.get("kld_mean")) for c in result["candidates"]])
+
+
+def test_gemma_bundle_for_rtx_4060_is_served(converted, tmp_path, capsys):
+    """`quantkit ship ... --profile rtx-4060-8gb -o bundle` on Gemma 3 270M q4_k_m: the bundle
+    carries the importance matrix it was quantized with and a fit of every layer on the GPU; its
+    own llama_cpp.server line serves the model and completes a prompt exactly as llama.cpp does
+    in process. (The embedded Gemma is the base model: it has no chat template to translate; the
+    chat formatting is checked on the tiny model in test_ship.)"""
+    import json
+
+    from served import served_bundle
+
+    from quantkit.cli import main
+
+    art = converted["gguf:q4_k_m"]
+    bundle = tmp_path / "bundle"
+    assert main(["-q", "ship", str(art.path), "--profile", "rtx-4060-8gb", "-o", str(bundle), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fit"]["n_gpu_layers"] == 19 and (bundle / "model" / "imatrix.gguf").is_file()
+    assert "PARAMETER num_gpu 19" in (bundle / "Modelfile").read_text()
+    prompt = "The capital of France is"
+    with served_bundle(bundle) as post:
+        served = post("/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 8})["choices"][0]["text"]
+    from llama_cpp import Llama
+
+    llm = Llama(str(art.main_file), n_ctx=512, n_threads=2, verbose=False)
+    try:
+        local = llm(prompt, temperature=0, max_tokens=8)["choices"][0]["text"]
+    finally:
+        llm.close()
+    assert served == local and served.strip()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from served import served_bundle
 
 import quantkit.api as api
 from quantkit.ship.gotemplate import TemplateError, render
@@ -166,41 +167,12 @@ def test_bundle_is_served_by_llama_cpp_server(qwen_gguf, tiny_model, tmp_path):
     two-turn chat is formatted exactly as transformers' apply_chat_template formats it (the same
     prompt tokens and the same next-token log-probabilities as a plain completion of that prompt),
     and generation stops at the end-of-turn token."""
-    import json
-    import shlex
-    import socket
-    import time
-    import urllib.request
-
     import gguf
     from transformers import AutoTokenizer
 
     bundle = tmp_path / "bundle"
     api.ship(qwen_gguf.path, "laptop-x86-8gb", bundle)
-    line = next(t for t in (bundle / "run.sh").read_text().splitlines() if "llama_cpp.server" in t).removeprefix("# ")
-    args = shlex.split(line)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args[0], args[args.index("--port") + 1] = sys.executable, str(port)
-    base = f"http://127.0.0.1:{port}"
-
-    def post(path, body):
-        request = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
-
-    server = subprocess.Popen(args, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read().decode(errors="replace")[-2000:]
-            try:
-                urllib.request.urlopen(base + "/v1/models", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.25)
+    with served_bundle(bundle) as post:
         messages = [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare."},
                     {"role": "user", "content": "When was it written?"}]
         prompt = AutoTokenizer.from_pretrained(tiny_model("qwen2")).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -216,9 +188,6 @@ def test_bundle_is_served_by_llama_cpp_server(qwen_gguf, tiny_model, tmp_path):
         stopped = post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 6,
                                                "logit_bias": {str(tokens.index("<|im_end|>")): 100}})
         assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["choices"][0]["message"]["content"] == ""
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
 
 
 def test_bundle_never_replaces_a_folder_it_did_not_write(qwen_gguf, tmp_path):

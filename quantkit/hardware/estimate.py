@@ -83,6 +83,10 @@ def artifact_facts(fmt: str, scheme: str | None, desc: dict[str, Any], kv_bytes_
     types = frozenset(desc.get("tensor_types", ()))
     if scheme is None:  # a bare .gguf file: its most common quantized tensor type
         scheme = next(iter(sorted(types - {"f32"})), "f16")
+    elif fmt == "gguf":  # the llama.cpp type (q4_k_m of q4_k_m+noimatrix): what published points are of
+        from ..formats.gguf.quantize import llama_type
+
+        scheme = llama_type(scheme)
     return ArtifactFacts(
         format=fmt,
         scheme=scheme,

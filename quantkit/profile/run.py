@@ -110,7 +110,8 @@ def profile_artifact(
     host = host_info(threads)
     report["host"] = host
     memory: dict[str, Any] = {
-        "file_bytes": main.stat().st_size if manifest is None else sum(f["bytes"] for f in manifest["files"]),
+        # a GGUF is its one file (the importance matrix beside it is a by-product, not loaded)
+        "file_bytes": main.stat().st_size if manifest is None or fmt == "gguf" else sum(f["bytes"] for f in manifest["files"]),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(desc),
         "ctx": ctx,
     }

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ...artifact import Artifact, atomic_dir, atomic_file, work_dir, write_manifest
+from ...artifact import Artifact, atomic_dir, atomic_file, remove_stale, work_dir, write_manifest
 from ...embedded import cache_dir
 from ...errors import InputError, RecipeError
 from ...log import logger
@@ -43,14 +43,19 @@ from ...source import Source
 from .. import ConvertOptions, Format, register_format
 from ..options import Option, calibration_options, resolve_options
 from .header import read_gguf_summary
-from .quantize import DEFAULT_IMATRIX_SCHEMES, IMATRIX_SCHEMES, QUANT_SCHEMES, quantize_gguf
+from .quantize import (
+    DEFAULT_IMATRIX_SCHEMES,
+    IMATRIX_SCHEMES,
+    IMATRIX_SUFFIX,
+    NO_IMATRIX_SUFFIX,
+    QUANT_SCHEMES,
+    llama_type,
+    quantize_gguf,
+)
 from .writer import FLOAT_TYPES, tensor_count, write_float_gguf
 
 __all__ = ["GGUFFormat", "QUANT_SCHEMES", "IMATRIX_SUFFIX", "NO_IMATRIX_SUFFIX", "IMATRIX_FILE", "llama_type"]
 
-IMATRIX_SUFFIX = "+imatrix"
-NO_IMATRIX_SUFFIX = "+noimatrix"
-IMATRIX_CACHE_VERSION = 1  # raise when the computation changes: cached matrices are then computed again
 IMATRIX_FILE = "imatrix.gguf"
 # an importance matrix: "auto" (computed here), a GGUF imatrix file, or "none"; with its calibration
 # text (llama-imatrix reads whole files in windows of 512; 32 windows, 16k tokens, keep the
@@ -93,7 +98,7 @@ def _parse_gguf_scheme(scheme: str, options: Mapping[str, Any]) -> tuple[str, di
     when a matrix is used. A suffix on the type wins over the run's ``--imatrix``."""
     if scheme == "auto" or scheme.startswith("auto-"):
         return _parse_auto(scheme, options)
-    base = scheme.removesuffix(IMATRIX_SUFFIX).removesuffix(NO_IMATRIX_SUFFIX)
+    base = llama_type(scheme)
     if base not in QUANT_SCHEMES:
         raise RecipeError(f"unknown GGUF type {base!r}; known: {', '.join(QUANT_SCHEMES)} "
                           f"(quantized types take {IMATRIX_SUFFIX} or {NO_IMATRIX_SUFFIX})")
@@ -124,11 +129,6 @@ def _parse_gguf_scheme(scheme: str, options: Mapping[str, Any]) -> tuple[str, di
     if imatrix != "auto":  # a file brings its own calibration
         values = {}
     return canonical, {"imatrix": imatrix, **values}
-
-
-def llama_type(scheme: str) -> str:
-    """The llama.cpp type of a canonical GGUF scheme (``q4_k_m+noimatrix``: ``q4_k_m``)."""
-    return scheme.removesuffix(IMATRIX_SUFFIX).removesuffix(NO_IMATRIX_SUFFIX)
 
 
 def _lossless_type(source: Source) -> str:
@@ -165,8 +165,9 @@ class GGUFFormat(Format):
                 or recipe.scheme not in DEFAULT_IMATRIX_SCHEMES:
             return recipe
         logger.warning(f"gguf:{recipe.scheme}: no importance matrix (it is computed from an HF checkpoint, "
-                       f"and {source.id} is a GGUF file); quantized without one. --imatrix FILE uses a llama-imatrix file")
-        return Recipe("gguf", recipe.scheme)
+                       f"and {source.id} is a GGUF file); quantized without one, as gguf:{recipe.scheme}{NO_IMATRIX_SUFFIX}. "
+                       "--imatrix FILE uses a llama-imatrix file")
+        return Recipe("gguf", recipe.scheme + NO_IMATRIX_SUFFIX)
 
     def convert(
         self, source: Source, recipes: Sequence[Recipe], out_dir: Path, options: ConvertOptions
@@ -277,6 +278,21 @@ def _analysis(source: Source, recipe: Recipe, base: Path, imatrix: Path, work: P
     return analyse(base, imatrix, reference, probes, work, threads=threads, progress=progress)
 
 
+def _imatrix_code() -> str:
+    """What a cached importance matrix depends on besides its inputs: the code that computes it
+    (this package's engine and accumulation, by content) and the libraries that run the model."""
+    import torch
+    import transformers
+
+    from ...runtimes import stream
+    from . import imatrix
+
+    digest = hashlib.sha256()
+    for module in (imatrix, stream):
+        digest.update(Path(module.__file__).read_bytes())
+    return f"{digest.hexdigest()}:{torch.__version__}:{transformers.__version__}"
+
+
 def _imatrix(source: Source, recipe: Recipe, path: Path, progress: Progress) -> tuple[Path, dict]:
     """The importance matrix ``recipe`` asks for, as a GGUF imatrix file at ``path`` (or the
     user's file as it is), and what the manifest records of it."""
@@ -297,17 +313,19 @@ def _imatrix(source: Source, recipe: Recipe, path: Path, progress: Progress) -> 
     datasets = [Path(opts["calib"]).name if opts["calib"] else f"quantkit calibration mix ({', '.join(calibration['windows_per_domain'])})"]
     # the same source and calibration windows give the same matrix: kept in quantkit's cache, so a
     # later conversion (another type, the planner's next candidate) does not run the model again
-    key = hashlib.sha256(json.dumps([IMATRIX_CACHE_VERSION, source.fingerprint, datasets, windows]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([_imatrix_code(), source.fingerprint, datasets, windows]).encode()).hexdigest()
     cached = cache_dir() / "imatrix" / f"{key[:32]}.gguf"
     try:
         matrix = ImportanceMatrix.read(cached) if cached.is_file() else None
-    except InputError:  # damaged: computed again
+    except (InputError, OSError):  # damaged or unreadable: computed again
         matrix = None
     if matrix is None:
         matrix = compute_imatrix(source, windows, datasets=datasets,
                                  task=lambda what, total: progress.task(f"importance matrix: {what}", total))
-        with contextlib.suppress(OSError), atomic_file(cached) as tmp:
-            matrix.write(tmp)
+        with contextlib.suppress(OSError):
+            remove_stale(cached.parent)  # a write killed earlier
+            with atomic_file(cached) as tmp:
+                matrix.write(tmp)
     matrix.write(path)
     return path, {"file": IMATRIX_FILE, "sha256": matrix.digest(), "datasets": datasets, "tensors": len(matrix.sums),
                   "calibration": calibration}

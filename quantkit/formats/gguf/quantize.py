@@ -14,7 +14,8 @@ import numpy as np
 
 from ...errors import ConversionError
 
-__all__ = ["QUANT_SCHEMES", "IMATRIX_SCHEMES", "DEFAULT_IMATRIX_SCHEMES", "base_tensor_type", "quantize_gguf", "tensor_type_id"]
+__all__ = ["QUANT_SCHEMES", "IMATRIX_SCHEMES", "DEFAULT_IMATRIX_SCHEMES", "IMATRIX_SUFFIX", "NO_IMATRIX_SUFFIX",
+           "llama_type", "base_tensor_type", "quantize_gguf", "tensor_type_id"]
 
 F = gguf.LlamaFileType
 # recipe scheme -> llama.cpp file type
@@ -51,6 +52,18 @@ QUANT_SCHEMES: dict[str, gguf.LlamaFileType] = {
 #: the types quantized with an importance matrix always: llama.cpp refuses most of them without
 #: one, and the others (iq3_s, iq3_m) are built for one
 IMATRIX_SCHEMES = frozenset(s for s in QUANT_SCHEMES if s.startswith(("iq3", "iq2", "iq1")))
+
+
+IMATRIX_SUFFIX = "+imatrix"
+NO_IMATRIX_SUFFIX = "+noimatrix"
+
+
+def llama_type(scheme: str) -> str:
+    """The llama.cpp type of a GGUF scheme (``q4_k_m+noimatrix``: ``q4_k_m``): one suffix at most."""
+    for suffix in (IMATRIX_SUFFIX, NO_IMATRIX_SUFFIX):
+        if scheme.endswith(suffix):
+            return scheme.removesuffix(suffix)
+    return scheme
 
 
 def base_tensor_type(scheme: str) -> gguf.GGMLQuantizationType:

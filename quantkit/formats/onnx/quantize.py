@@ -98,50 +98,43 @@ def fuse_for_ort(src: Path, dst: Path) -> dict[str, int]:
     states ``qkv_hidden_sizes`` even when they are equal (the default): both are folded away here,
     so that ONNX Runtime's dynamic quantizer can turn each Attention into a ``QAttention`` (it
     skips an Attention with that attribute, and leaves the Concat's float inputs behind)."""
-    import onnx
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model = ir.load(str(src))
     with quiet():
         _, counts = optimize_for_ort(model)
-    proto = ir.to_proto(model)
-    _fold_packed_weights(proto)
-    if _large(src):
-        onnx.save_model(proto, str(dst), save_as_external_data=True, location=f"{dst.name}.data")
-    else:
-        onnx.save_model(proto, str(dst))
+    _fold_packed_weights(model.graph)
+    ir.save(model, str(dst), external_data=f"{dst.name}.data" if _large(src) else None)
     return {name: int(n) for name, n in sorted(counts.items()) if n}
 
 
-def _fold_packed_weights(model) -> None:
-    """Concats of initializers become one initializer; Attention's ``qkv_hidden_sizes`` goes
-    where q, k and v are of one size (the operator's default then)."""
+def _fold_packed_weights(graph) -> None:
+    """Concats of initializers become one initializer (their inputs go when nothing else uses
+    them); Attention's ``qkv_hidden_sizes`` goes where q, k and v are of one size (the
+    operator's default then). On the ONNX IR: external tensors are read where they lie."""
     import numpy as np
-    from onnx import numpy_helper
+    import onnx_ir as ir
 
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    kept = []
-    for node in graph.node:
-        if node.op_type == "Concat" and node.domain in ("", "ai.onnx") and node.input and all(x in inits for x in node.input):
-            axis = next(a.i for a in node.attribute if a.name == "axis")
-            arrays = [numpy_helper.to_array(inits[x]) for x in node.input]
-            folded = numpy_helper.from_array(np.concatenate(arrays, axis=axis), node.output[0])
-            graph.initializer.append(folded)
-            inits[folded.name] = folded
+    for node in list(graph):
+        if node.op_type == "Attention" and "qkv_hidden_sizes" in node.attributes:
+            if len(set(node.attributes["qkv_hidden_sizes"].as_ints())) == 1:
+                node.attributes.pop("qkv_hidden_sizes")
             continue
-        if node.op_type == "Attention":
-            for attr in list(node.attribute):
-                if attr.name == "qkv_hidden_sizes" and len(set(attr.ints)) == 1:
-                    node.attribute.remove(attr)
-        kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
-    unused = [i for i in graph.initializer if i.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        inputs, [output] = list(node.inputs), node.outputs
+        if output.is_graph_output() or not all(v is not None and v.is_initializer() and v.const_value is not None for v in inputs):
+            continue
+        axis = node.attributes["axis"].as_int()
+        folded = ir.Value(name=f"{output.name}_folded", const_value=ir.tensor(
+            np.concatenate([v.const_value.numpy() for v in inputs], axis=axis), name=f"{output.name}_folded"))
+        graph.register_initializer(folded)
+        output.replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        for value in inputs:
+            if not value.uses() and not value.is_graph_input() and value.name in graph.initializers:
+                del graph.initializers[value.name]
 
 
 def int8_dynamic(src: Path, dst: Path) -> dict:
