@@ -41,9 +41,9 @@ PLOT = "gemma_size_vs_kld.svg"
 PLOT_LEFT_OUT = ("onnx:fp32",)
 # conversion groups, converted in this order (a group is one `quantkit convert` process)
 GROUPS: tuple[tuple[str, ...], ...] = (
-    # below 5 bits GGUF types carry quantkit's importance matrix by default; q4_0+noimatrix is llama.cpp's
-    # plain round to nearest, the like of onnx:int4
-    ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:q4_0+noimatrix", "gguf:q3_k_m",
+    # below 5 bits GGUF types carry quantkit's importance matrix by default, but q4_0 (llama.cpp's plain round
+    # to nearest, the like of onnx:int4; q4_0+imatrix beside it)
+    ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:q4_0+imatrix", "gguf:q3_k_m",
      "gguf:q2_k"),
     # ONNX decoders: each built by onnxruntime-genai's builder on its own (no shared export)
     ("onnx:fp32",), ("onnx:int8",), ("onnx:int4",), ("onnx:int4-kquant",), ("onnx:int4-gptq",),
@@ -57,7 +57,7 @@ QUICK_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 GPTQ_SET = ("gptq:w4g128", "gptq:w4g128-rtn", "bnb:nf4")
 ONNX_SET = ("onnx:fp32", "onnx:int8", "onnx:int4", "onnx:int4-kquant", "onnx:int4-gptq", "gguf:q8_0", "gguf:q4_k_m", "gguf:q4_0",
-            "gguf:q4_0+noimatrix")
+            "gguf:q4_0+imatrix")
 
 
 def _artifacts(folder: Path) -> dict[str, Path]:
@@ -163,11 +163,11 @@ def onnx_table(result: dict) -> str:
         table += "\nConverting (one process each): " + "; ".join(
             f"`{r['recipe']}` {r['convert']['wall_s']:.0f} s, peak RSS {r['convert']['peak_rss_bytes'] / 1e6:,.0f} MB"
             for r in onnx) + ".\n"
-    # like for like: 8-bit against Q8_0, 4-bit round-to-nearest blocks of 32 against plain Q4_0
+    # like for like: 8-bit against Q8_0, 4-bit round-to-nearest blocks of 32 against Q4_0
     if "onnx:int4-gptq" in by and "onnx:int4" in by:
         table += (f"\n`onnx:int4-gptq` (quantkit's GPTQ checkpoint in `MatMulNBits`) has {by['onnx:int4-gptq']['kld_mean'] / by['onnx:int4']['kld_mean']:.2f}x "
                   "the KLD of the round-to-nearest `onnx:int4` (quantkit's RTN checkpoint in the same operators).\n")
-    for onnx, gguf in (("onnx:int8", "gguf:q8_0"), ("onnx:int4", "gguf:q4_0+noimatrix")):
+    for onnx, gguf in (("onnx:int8", "gguf:q8_0"), ("onnx:int4", "gguf:q4_0")):
         if onnx in by and gguf in by:
             a, b = by[onnx], by[gguf]
             table += (f"\n`{onnx}` against `{gguf}`: decode {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x, "

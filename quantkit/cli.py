@@ -50,7 +50,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--sym/--asym", default=None, help="GPTQ: symmetric or asymmetric integer grid [sym].")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ: quantize columns by decreasing Hessian diagonal (desc_act) [off].")
 @click.option("--static-groups/--no-static-groups", default=None, help="GPTQ: fix group scales before act-order permutes columns [off].")
-@click.option("--imatrix", default=None, metavar="auto|none|FILE", help="GGUF: weigh quantization errors by an importance matrix computed on the calibration text (auto) or from a llama-imatrix GGUF FILE, or not (none), for every quantized type [below 5 bits: auto, from an HF checkpoint; others: none; a +imatrix/+noimatrix suffix on a type wins].")
+@click.option("--imatrix", default=None, metavar="auto|none|FILE", help="GGUF: weigh quantization errors by an importance matrix computed on the calibration text (auto) or from a llama-imatrix GGUF FILE, or not (none), for every quantized type [below 5 bits but q4_0: auto, from an HF checkpoint; others: none; a +imatrix/+noimatrix suffix on a type wins].")
 @click.option("--target-bpw", type=click.FloatRange(1, 16), default=None, help="gguf:auto: bits per weight to fill (llama.cpp's BPW: tensor bytes over parameters).")
 @click.option("--target-size", default=None, metavar="SIZE", help="gguf:auto: file size to fill, e.g. 240MB, 1.5GiB or bytes.")
 @click.option("--probe-windows", type=click.IntRange(1), default=None, help="gguf:auto: calibration windows each tensor group's sensitivity is measured on [4].")

@@ -108,14 +108,14 @@ def test_importance_matrix_is_computed_once_per_source_and_calibration(tiny_mode
 
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     folder, calib = tiny_model("llama"), {"calib_samples": 2, "calib_seqlen": 32}
-    [first] = convert(folder, ["gguf:q4_0"], tmp_path / "a", verify=False, recipe_options=calib).artifacts
+    [first] = convert(folder, ["gguf:q4_k_s"], tmp_path / "a", verify=False, recipe_options=calib).artifacts
     computed = imatrix_module.compute_imatrix
     monkeypatch.setattr(imatrix_module, "compute_imatrix", lambda *a, **k: pytest.fail("computed again"))
     [again] = convert(folder, ["gguf:q3_k_s"], tmp_path / "b", verify=False, recipe_options=calib).artifacts
     assert (again.path / "imatrix.gguf").read_bytes() == (first.path / "imatrix.gguf").read_bytes()
     calls = []
     monkeypatch.setattr(imatrix_module, "compute_imatrix", lambda *a, **k: calls.append(1) or computed(*a, **k))
-    convert(folder, ["gguf:q4_0"], tmp_path / "c", verify=False, recipe_options={**calib, "calib_samples": 3})
+    convert(folder, ["gguf:q4_k_s"], tmp_path / "c", verify=False, recipe_options={**calib, "calib_samples": 3})
     assert calls == [1]
 
 
@@ -127,6 +127,8 @@ def test_importance_matrix_is_computed_once_per_source_and_calibration(tiny_mode
     ("gguf:q2_k", {}, "q2_k", "auto"),
     ("gguf:iq4_xs", {}, "iq4_xs", "auto"),
     ("gguf:q4_1", {}, "q4_1", None),  # 5.0 bits: plain by default
+    ("gguf:q4_0", {}, "q4_0", None),  # the 4-bit type of few-type backends (CANN): plain, see DEFAULT_IMATRIX_SCHEMES
+    ("gguf:q4_0+imatrix", {}, "q4_0+imatrix", "auto"),
     ("gguf:q6_k", {}, "q6_k", None),
     ("gguf:q6_k", {"imatrix": "auto"}, "q6_k+imatrix", "auto"),
     ("gguf:q6_k+noimatrix", {}, "q6_k", None),

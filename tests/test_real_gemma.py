@@ -202,6 +202,8 @@ def test_gemma_bundle_for_rtx_4060_is_served(converted, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["fit"]["n_gpu_layers"] == 19 and (bundle / "model" / "imatrix.gguf").is_file()
     assert "PARAMETER num_gpu 19" in (bundle / "Modelfile").read_text()
+    # llama-cpp-python's server would hold 32k x 262k float32 logits for logprobs: off in its line
+    assert "--logits_all false" in (bundle / "run.sh").read_text()
     prompt = "The capital of France is"
     with served_bundle(bundle) as post:
         served = post("/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 8})["choices"][0]["text"]

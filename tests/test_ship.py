@@ -221,9 +221,9 @@ def test_a_report_of_another_artifact_is_refused(qwen_gguf, tiny_model, tmp_path
 
 
 def test_bundle_of_an_imatrix_quantization_ships_the_matrix(tiny_model, tmp_path):
-    """Below 5 bits the GGUF is quantized with an importance matrix by default: the bundle carries
+    """Below 5 bits (q4_k_s) the GGUF is quantized with an importance matrix by default: the bundle carries
     it beside the GGUF, the card says so (and tags it), and SHA256SUMS covers it."""
-    art = api.convert(tiny_model("qwen2"), ["gguf:q4_0"], tmp_path / "o", verify=False,
+    art = api.convert(tiny_model("qwen2"), ["gguf:q4_k_s"], tmp_path / "o", verify=False,
                       recipe_options={"calib_samples": 2, "calib_seqlen": 32}).artifacts[0]
     api.ship(art.path, "laptop-x86-8gb", tmp_path / "b")
     assert (tmp_path / "b" / "model" / "imatrix.gguf").read_bytes() == (art.path / "imatrix.gguf").read_bytes()

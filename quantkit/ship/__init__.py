@@ -141,8 +141,14 @@ def _gguf(path: Path, profile) -> dict[str, Any]:
     vocabulary = set(tokens)
     stop = tuple(t for t in translation.stop if t in vocabulary)
     warnings = [] if translation.template else [f"no TEMPLATE in the Modelfile: {translation.why}; Ollama falls back to its own"]
+    # llama-cpp-python's server keeps the logits of every context position (logits_all, which
+    # logprobs need): n_ctx x n_vocab float32 in RAM, 32 GiB for Gemma 3's 262k vocabulary at
+    # 32k tokens. Its line turns that off where it would not fit in what the split leaves of RAM
+    scores = layers_only["ctx"] * len(tokens) * 4
+    left = (layers_only["host_usable_bytes"] or 0) - layers_only["host_bytes"]
     return {"fit": fit, "fit_layers_only": layers_only, "template": translation.template, "template_check": translation.why,
-            "stop": list(stop), "warnings": warnings}
+            "stop": list(stop), "warnings": warnings, "python_server_logits_bytes": scores,
+            "python_server_logits_all": scores <= left // 2}
 
 
 def _modelfile(main: str, summary: dict[str, Any]) -> str:
@@ -171,6 +177,11 @@ def _commands(fmt: str, main: str, summary: dict[str, Any], manifest: dict[str, 
             python += ["--type_k", str(_GGML_TYPE_IDS[layers["kv_type"]]), "--type_v", str(_GGML_TYPE_IDS[layers["kv_type"]]),
                        "--flash_attn", "true"]
         comments = [f"fitted to {summary['profile']} (estimated): see README.md", 'run from the bundle folder: cd "$(dirname "$0")"']
+        if not summary["python_server_logits_all"]:
+            python += ["--logits_all", "false"]
+            comments.append(f"llama-cpp-python's server would keep n_ctx x n_vocab logits for logprobs "
+                            f"({summary['python_server_logits_bytes'] / 2**30:.1f} GiB at -c {layers['ctx']}): off in its line "
+                            "(requests cannot ask for logprobs); a shorter --n_ctx with --logits_all true brings them back")
         if fit.get("n_cpu_moe"):
             server += ["--n-cpu-moe", str(fit["n_cpu_moe"])]
             comments.append("llama-cpp-python's server and Ollama cannot keep experts in RAM: their lines use the best "

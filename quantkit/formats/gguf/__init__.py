@@ -5,8 +5,8 @@ source weight already is), and each requested llama.cpp type is quantized from i
 source is re-quantized directly.
 
 With an importance matrix llama.cpp weighs each weight's rounding error by how large its input
-column is on calibration text. Types below 5 bits per weight (q4_0, q4_k_s/m, iq4_nl/xs, q3_k_*,
-q2_k, the i-quants) use one by default, the others not; ``+imatrix`` / ``+noimatrix`` on a type
+column is on calibration text. Types below 5 bits per weight (q4_k_s/m, iq4_nl/xs, q3_k_*, q2_k,
+the i-quants; not q4_0, see ``DEFAULT_IMATRIX_SCHEMES``) use one by default, the others not; ``+imatrix`` / ``+noimatrix`` on a type
 (``gguf:q6_k+imatrix``, ``gguf:q4_k_m+noimatrix``) or ``--imatrix auto|none|FILE`` for the whole
 run depart from that (the i-quants always need one), and the artifact's name carries the suffix
 exactly when it departs. ``auto`` computes the matrix from the HF source on quantkit's calibration

@@ -81,9 +81,12 @@ def _bits(scheme: str) -> float:
 
 #: the types quantized with an importance matrix by default (computed on quantkit's calibration
 #: text when the source is an HF checkpoint): every type whose base tensor type has fewer than 5
-#: bits per weight, where weighing the rounding error pays most (q4_0, q4_k_s/m, iq4_nl/xs, q3_k_*,
-#: q2_k; not q4_1's 5.0); the i-quants always
-DEFAULT_IMATRIX_SCHEMES = frozenset(s for s in QUANT_SCHEMES if s not in ("f32", "f16", "bf16") and _bits(s) < 5) | IMATRIX_SCHEMES
+#: bits per weight, where weighing the rounding error pays most (q4_k_s/m, iq4_nl/xs, q3_k_*, q2_k;
+#: not q4_1's 5.0); the i-quants always. Not q4_0: it is the 4-bit type of backends that run few
+#: types (llama.cpp's CANN for Ascend: f16, q8_0, q4_0), and with a matrix llama.cpp writes the
+#: first eighth of the layers' ffn_down as q4_1, which those backends cannot run (q4_0+imatrix asks for it)
+DEFAULT_IMATRIX_SCHEMES = frozenset(
+    s for s in QUANT_SCHEMES if s not in ("f32", "f16", "bf16", "q4_0") and _bits(s) < 5) | IMATRIX_SCHEMES
 # llama.cpp logs "[  12/ 236]  blk.0.attn_k.weight - ..." once per tensor
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
