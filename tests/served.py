@@ -8,6 +8,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -31,18 +32,27 @@ def served_bundle(bundle: Path, timeout: float = 120) -> Iterator[Callable[[str,
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
 
-    server = subprocess.Popen(args, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the server's log goes to a file: llama.cpp logs a large model's load at length, and a pipe
+    # nobody reads while waiting would fill and stall it
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(args, cwd=bundle, stdout=subprocess.DEVNULL, stderr=log)
+
+    def tail() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")[-2000:]
+
     try:
         deadline = time.monotonic() + timeout
         while True:
-            assert server.poll() is None, server.stderr.read().decode(errors="replace")[-2000:]
+            assert server.poll() is None, tail()
             try:
                 urllib.request.urlopen(base + "/v1/models", timeout=2).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
+                assert time.monotonic() < deadline, f"the server did not come up: {tail()}"
                 time.sleep(0.25)
         yield post
     finally:
         server.terminate()
-        server.communicate(timeout=30)
+        server.wait(timeout=30)
+        log.close()

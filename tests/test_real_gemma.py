@@ -206,12 +206,14 @@ def test_gemma_bundle_for_rtx_4060_is_served(converted, tmp_path, capsys):
     assert "--logits_all false" in (bundle / "run.sh").read_text()
     prompt = "The capital of France is"
     with served_bundle(bundle) as post:
-        served = post("/v1/completions", {"prompt": prompt, "temperature": 0, "max_tokens": 8})["choices"][0]["text"]
+        # the server's requests default to a repeat penalty of 1.1: greedy and unpenalized on both sides
+        served = post("/v1/completions", {"prompt": prompt, "temperature": 0, "repeat_penalty": 1.0, "max_tokens": 8})["choices"][0]["text"]
     from llama_cpp import Llama
 
-    llm = Llama(str(art.main_file), n_ctx=512, n_threads=2, verbose=False)
+    # in process with the settings of the bundle's line (context and GPU layers; the rest both defaults)
+    llm = Llama(str(art.main_file), n_ctx=summary["fit_layers_only"]["ctx"], n_gpu_layers=19, verbose=False)
     try:
-        local = llm(prompt, temperature=0, max_tokens=8)["choices"][0]["text"]
+        local = llm(prompt, temperature=0, repeat_penalty=1.0, max_tokens=8)["choices"][0]["text"]
     finally:
         llm.close()
     assert served == local and served.strip()
