@@ -81,8 +81,7 @@ def cached_embedded_artifact(folder: Path, recipe: str) -> bool:
         return False
     manifest = folder / "manifest.json"
     recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    wanted = json.loads(json.dumps(parse_recipe(recipe).to_dict()))
-    if recorded.get("source", {}).get("fingerprint") == _embedded_fingerprint() and recorded.get("recipe") == wanted:
+    if recorded.get("source", {}).get("fingerprint") == _embedded_fingerprint() and parse_recipe(recipe).matches(recorded.get("recipe")):
         return True
     shutil.rmtree(folder)
     return False

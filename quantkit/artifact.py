@@ -58,12 +58,16 @@ class Artifact:
 
     @property
     def file_bytes(self) -> int:
-        """Bytes of the artifact's files; a GGUF's is its one model file (the importance matrix
-        beside it is a by-product llama.cpp does not load)."""
-        files = self.manifest["files"]
-        if self.manifest.get("recipe", {}).get("format") == "gguf":
-            files = [f for f in files if f["path"] == self.main_file.name] or files
-        return sum(f["bytes"] for f in files)
+        return model_bytes(self.manifest, self.main_file)
+
+
+def model_bytes(manifest: dict[str, Any], main_file: Path) -> int:
+    """Bytes of an artifact's files as its manifest lists them; a GGUF's is its one model file
+    (the importance matrix beside it is a by-product llama.cpp does not load)."""
+    files = manifest["files"]
+    if manifest.get("recipe", {}).get("format") == "gguf":
+        files = [f for f in files if f["path"] == main_file.name] or files
+    return sum(f["bytes"] for f in files)
 
 
 def sha256_file(path: Path, block_bytes: int = 1 << 22) -> str:

@@ -106,7 +106,8 @@ def _shape(source) -> dict[str, Any]:
     experts = experts_of(source.config)
     active = experts.used / experts.count if experts else 1.0
     return {**sizes, "linear_params": int(sum(p - r * (1 - active) for p, r in blocks)), "embedding_params": embedding,
-            "other_params": max(0, total - embedding), "routed_params": routed, "expert_active": active, "blocks": blocks, "config": source.config, "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
+            "other_params": max(0, total - embedding), "routed_params": routed, "expert_active": active, "blocks": blocks,
+            "config": source.config, "max_ctx": int(cfg.get("max_position_embeddings") or 0)}
 
 
 def _facts(candidate: Candidate, shape: dict[str, int], static: bool):
@@ -172,17 +173,6 @@ def _state(path: Path, fingerprint: str) -> dict[str, Any]:
         if state.get("source_fingerprint") == fingerprint:
             return state
     return {"source_fingerprint": fingerprint, "done": {}}
-
-
-def _same_recipe(artifact: Path, recipe: str, static: bool) -> bool:
-    """Whether an artifact a resumed plan made is what ``recipe`` means now (an older quantkit's
-    defaults differ, e.g. the importance matrix below 5 bits): redone otherwise."""
-    from .artifact import read_manifest
-    from .recipe import parse_recipe
-
-    manifest = read_manifest(artifact)
-    options = {"static_shapes": True} if static and recipe.startswith("onnx:") else {}
-    return manifest is not None and manifest.get("recipe") == json.loads(json.dumps(parse_recipe(recipe, options).to_dict()))
 
 
 def plan(
@@ -276,13 +266,16 @@ def plan(
     for cand, row in queue:
         key = f"{cand.recipe}|static={static}|ctx={ctx}|chunks={chunks}"
         done = state["done"].get(key)
-        if done and Path(done["report"]).is_file() and Path(done["artifact"]).is_dir() \
-                and _same_recipe(Path(done["artifact"]), cand.recipe, static):
-            check_artifact(Path(done["artifact"]), read_manifest(Path(done["artifact"])), hashes=False)
+        options = {"static_shapes": True} if static and cand.recipe.startswith("onnx:") else {}
+        manifest = read_manifest(Path(done["artifact"])) if done and Path(done["report"]).is_file() \
+            and Path(done["artifact"]).is_dir() else None
+        # resumed only if the artifact is what the recipe means now (an older quantkit's defaults
+        # differ, e.g. the importance matrix below 5 bits): redone otherwise
+        if manifest is not None and parse_recipe(cand.recipe, options).matches(manifest.get("recipe")):
+            check_artifact(Path(done["artifact"]), manifest, hashes=False)
             report = read_report(done["report"])  # schema-checked: a damaged report is bad input
             row["resumed"] = True
         else:
-            options = {"static_shapes": True} if static and cand.recipe.startswith("onnx:") else {}
             art = convert(source, [cand.recipe], out_dir / "artifacts", threads=threads, progress=progress,
                           recipe_options=options, verify=False).artifacts[0]
             report = profile(art.path, ctx=ctx, chunks=chunks, threads=threads, progress=progress,

@@ -38,6 +38,10 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "scheme": self.scheme, "options": dict(self.options)}
 
+    def matches(self, recorded: dict[str, Any] | None) -> bool:
+        """Whether a manifest's recorded recipe is this one (as its JSON reads back)."""
+        return recorded == json.loads(json.dumps(self.to_dict()))
+
     def cache_key(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,13 @@ def test_plan_recommends_and_resumes(tiny_model, tmp_path, monkeypatch):
     again = api.plan(tiny_model("llama"), "raspberry-pi-5-8gb", out, max_kld=0.05, ctx=128)
     assert again["recommendation"]["recipe"] == rec["recipe"] and not calls
     assert all(c.get("resumed") for c in again["candidates"] if "kld_mean" in c)
+    # an artifact made under another meaning of its recipe (an older default) is not resumed
+    manifest_path = Path(rec["artifact"]) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["recipe"]["options"]["calib_samples"] = -1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(pytest.fail.Exception, match="converted again"):
+        api.plan(tiny_model("llama"), "raspberry-pi-5-8gb", out, max_kld=0.05, ctx=128)
 
 
 def test_plan_prunes_before_converting(tiny_model, tmp_path, capsys):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact import MANIFEST_NAME, check_artifact, read_manifest, tool_versions
+from ..artifact import MANIFEST_NAME, check_artifact, model_bytes, read_manifest, tool_versions
 from ..errors import ArtifactError, InputError, SourceError
 from ..progress import Progress
 from ..runtimes import get_runtime
@@ -110,8 +110,7 @@ def profile_artifact(
     host = host_info(threads)
     report["host"] = host
     memory: dict[str, Any] = {
-        # a GGUF is its one file (the importance matrix beside it is a by-product, not loaded)
-        "file_bytes": main.stat().st_size if manifest is None or fmt == "gguf" else sum(f["bytes"] for f in manifest["files"]),
+        "file_bytes": main.stat().st_size if manifest is None else model_bytes(manifest, main),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(desc),
         "ctx": ctx,
     }

@@ -161,8 +161,7 @@ class GGUFFormat(Format):
     def for_source(self, recipe: Recipe, source: Source) -> Recipe:
         """A GGUF source cannot be run on calibration text: a type quantized with an importance
         matrix by default is quantized without one (a warning; ``--imatrix FILE`` brings one)."""
-        if source.kind == "hf" or recipe.option("imatrix") != "auto" or recipe.scheme in IMATRIX_SCHEMES \
-                or recipe.scheme not in DEFAULT_IMATRIX_SCHEMES:
+        if source.kind == "hf" or recipe.option("imatrix") != "auto" or recipe.scheme not in DEFAULT_IMATRIX_SCHEMES - IMATRIX_SCHEMES:
             return recipe
         logger.warning(f"gguf:{recipe.scheme}: no importance matrix (it is computed from an HF checkpoint, "
                        f"and {source.id} is a GGUF file); quantized without one, as gguf:{recipe.scheme}{NO_IMATRIX_SUFFIX}. "

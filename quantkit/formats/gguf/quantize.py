@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import ConversionError
 
 __all__ = ["QUANT_SCHEMES", "IMATRIX_SCHEMES", "DEFAULT_IMATRIX_SCHEMES", "IMATRIX_SUFFIX", "NO_IMATRIX_SUFFIX",
-           "llama_type", "base_tensor_type", "quantize_gguf", "tensor_type_id"]
+           "llama_type", "quantize_gguf", "tensor_type_id"]
 
 F = gguf.LlamaFileType
 # recipe scheme -> llama.cpp file type
@@ -66,16 +66,13 @@ def llama_type(scheme: str) -> str:
     return scheme
 
 
-def base_tensor_type(scheme: str) -> gguf.GGMLQuantizationType:
-    """The tensor type most of a llama.cpp file type's weights get (q4_k_m: Q4_K, iq4_xs: IQ4_XS)."""
+def _bits(scheme: str) -> float:
+    """Bits per weight of the tensor type most of a llama.cpp file type's weights get (q4_k_m:
+    Q4_K, iq3_m: IQ3_S)."""
     name = scheme.upper()
     if name not in gguf.GGMLQuantizationType.__members__:  # Q4_K_M, IQ3_M: a mix's size suffix
         name = name.rsplit("_", 1)[0] + ("_S" if name.startswith("IQ") else "")
-    return gguf.GGMLQuantizationType[name]
-
-
-def _bits(scheme: str) -> float:
-    block, size = gguf.GGML_QUANT_SIZES[base_tensor_type(scheme)]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
     return size * 8 / block
 
 
