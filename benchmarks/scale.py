@@ -99,8 +99,18 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
         rows.append({**row, "wall_s": wall, "peak_rss_bytes": peak, "artifact_bytes": artifact})
         if folder is not None and path != "gguf":  # the disk is needed for the next paths
             shutil.rmtree(folder, ignore_errors=True)
+    if gguf_artifact is not None:  # kept for --repredict: the profile's prediction reads the file
+        kept = _kept_gguf(work, name)
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        gguf_artifact.rename(kept)
     shutil.rmtree(out, ignore_errors=True)
     return rows
+
+
+def _kept_gguf(work: Path, shape: str) -> Path:
+    """Where a shape's gguf path artifact is kept after its run."""
+    return work / "gguf" / shape
 
 
 def _fit(xs: list[float], ys: list[float]) -> float:
@@ -111,6 +121,7 @@ def _fit(xs: list[float], ys: list[float]) -> float:
 
 def repredict(work: Path) -> None:
     from quantkit.footprint import predict_convert_peak, predict_profile_peak
+    from quantkit.profile.run import locate_artifact
     from quantkit.recipe import parse_recipe
     from quantkit.source import resolve_source
 
@@ -120,8 +131,11 @@ def repredict(work: Path) -> None:
         source = resolve_source(str(random_shaped(work, r["shape"])))
         recipe, _ = PATHS[r["path"]]
         if r["path"] == "profile":
-            gguf = next(x for x in result["rows"] if x["shape"] == r["shape"] and x["path"] == "gguf")
-            predicted = predict_profile_peak(gguf["artifact_bytes"], source, chunks=1)
+            kept = _kept_gguf(work, r["shape"])
+            if not (kept / "manifest.json").is_file():
+                print(f"{r['shape']}: no GGUF kept under {kept}; its profile prediction is left as it was")
+                continue
+            predicted = predict_profile_peak(locate_artifact(kept)[1], source, chunks=1)
         else:
             predicted = predict_convert_peak(source, parse_recipe(recipe, {"calib_samples": 8, "calib_seqlen": 256} if r["path"] == "gptq" else {}))
         r["predicted_peak_bytes"], r["predicted_terms"] = predicted["total_bytes"], predicted["terms"]
@@ -132,10 +146,12 @@ def repredict(work: Path) -> None:
 
 def slopes(result: dict) -> dict[str, dict[str, float]]:
     """Least-squares slope of peak RSS (and of peak minus the artifact a path maps) against
-    parameters, MB per billion parameters, per path."""
+    parameters, MB per billion parameters, per path, over the dense shapes (a mixture of
+    experts' block is far larger for its parameter count: its rows are read on their own)."""
     out = {}
     for path in PATHS:
-        rows = [r for r in result["rows"] if r["path"] == path and "failed" not in r]
+        rows = [r for r in result["rows"] if r["path"] == path and "failed" not in r
+                and "num_experts" not in SHAPES[r["shape"]]]
         if len(rows) < 2:
             continue
         xs = [r["params"] / 1e9 for r in rows]

@@ -40,6 +40,9 @@ __all__ = ["predict_convert_peak", "predict_profile_peak", "available_memory_byt
 #: (265 MB on CPython 3.11 with torch 2.13 and transformers 5.24) and what a run adds to the
 #: heap besides its large arrays (tokenizers, configs, small tensors: ~180 MB measured)
 LIBRARIES_BYTES = 450 * 10**6
+#: the profiler's latency worker before it loads the model: the interpreter with llama_cpp
+#: imported (46 MB measured), the baseline its memory model adds the model's terms to
+LATENCY_BASELINE_BYTES = 50 * 10**6
 #: what a llama.cpp quantizing child holds besides the tensor it works on: fitted, with the tensor
 #: terms below, on the 3B shape quantized to q4_k_m without verification (2,194 MB measured)
 QUANTIZER_BASE_BYTES = 60 * 10**6
@@ -251,16 +254,27 @@ def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True,
             "phases": {p: sum(t.values()) for p, t in phases.items()}}
 
 
-def predict_profile_peak(artifact: Path | int, source: Source, *, chunks: int = 1, ctx: int = 512, domains: int = 3) -> dict[str, Any]:
-    """Predicted peak of ``profile`` of a GGUF artifact: its quality pass (the runtime loaded,
-    the reference over every domain's windows in one pass, reduced to top-k as each window's
-    logits come, then the runtime scoring)."""
+def predict_profile_peak(artifact: Path, source: Source, *, chunks: int = 1, ctx: int = 512, domains: int = 3,
+                         prompt_tokens: int = 128) -> dict[str, Any]:
+    """Predicted peak of ``profile`` of the GGUF file ``artifact``, the larger of its two phases:
+    the quality pass (the runtime loaded, the reference over every domain's windows in one pass,
+    reduced to top-k as each window's logits come, then the runtime scoring) and the latency
+    worker (its own process: llama.cpp as users run it, the file mapped, with the profiler's
+    own memory model, :mod:`quantkit.profile.memory`)."""
+    from .profile.memory import predicted_terms
+    from .runtimes.llamacpp import LlamaCppRuntime
+
     shape = ModelShape.of(source)
     engine = sum(_engine(shape, chunks * domains, ctx).values())
-    weights = artifact if isinstance(artifact, int) else Path(artifact).stat().st_size  # the GGUF file (or its size)
-    terms = {"libraries": LIBRARIES_BYTES, "runtime_weights": weights,
-             "reference_or_compare": max(engine, _compare(shape, 0, ctx, True, llama_windows=2))}
-    return {"total_bytes": sum(terms.values()), "phase": "quality", "terms": terms}
+    phases = {
+        "quality": {"libraries": LIBRARIES_BYTES, "runtime_weights": Path(artifact).stat().st_size,
+                    "reference_or_compare": max(engine, _compare(shape, 0, ctx, True, llama_windows=2))},
+        "latency": predicted_terms(LlamaCppRuntime.describe(Path(artifact)), ctx, LATENCY_BASELINE_BYTES,
+                                   prompt_tokens=prompt_tokens),
+    }
+    phase = max(phases, key=lambda p: sum(phases[p].values()))
+    return {"total_bytes": sum(phases[phase].values()), "phase": phase, "terms": phases[phase],
+            "phases": {p: sum(t.values()) for p, t in phases.items()}}
 
 
 def available_memory_bytes() -> int | None:

@@ -140,6 +140,48 @@ def test_int4_is_quantkits_streamed_gptq_checkpoint(tiny_model, tmp_path, gptq_r
     assert "com.microsoft::MatMulNBits" in _summary(onnx_art)["operators"]
 
 
+@pytest.mark.parametrize("arch, head", [("qwen2", "same"), ("gemma3", "same"), ("qwen2", "int8"), ("llama", "float-source")])
+def test_builder_quantizes_float_weights_without_a_graph_copy_same_bytes(tiny_model, tmp_path, monkeypatch, arch, head):
+    """quantkit's replacement of the builder's last quantization pass (column slices on one-node
+    models, the rest of the graph kept out of the protobuf) writes the bytes the builder's own
+    pass writes: untied and tied heads, an int8 head, and a float source (every Linear quantized
+    there); the graph is stamped with onnxruntime-genai's own commit, not the checkout's."""
+    import sys
+
+    import onnx
+    import onnxruntime_genai
+    from onnxruntime_genai.models import builder  # noqa: F401  (imports its modules as top-level ``builders``)
+
+    from quantkit.formats.onnx import builder as ours
+
+    monkeypatch.setattr(ours, "COLUMN_SLICE_BYTES", 4096)  # several slices even on a tiny head
+    folder = tiny_model(arch)
+    if head != "float-source":
+        folder = convert(folder, ["gptq:w4g32-rtn"], tmp_path / "gptq", verify=False, recipe_options={"sym": False}).artifacts[0].path
+    extra = {"block_size": "16" if head == "float-source" else "32"}
+    if head == "int8":
+        extra.update(matmul_mixed_precision="last_matmul:int8", shared_embeddings="false")
+    model_cls = sys.modules["builders.base"].Model
+    sliced = []
+    by_columns = ours._quantize_by_columns
+    monkeypatch.setattr(ours, "_quantize_by_columns", lambda graph, node, *a: sliced.append(node.name) or by_columns(graph, node, *a))
+    outs = {}
+    for way in ("light", "builder"):
+        if way == "builder":
+            monkeypatch.setattr(model_cls, "to_nbits", model_cls.to_nbits.__wrapped__)
+            monkeypatch.setattr(ours, "light_to_nbits", lambda cls: None)
+        outs[way] = tmp_path / way
+        ours.build_in_child({"folder": str(folder), "out": str(outs[way]), "precision": "int4", "cache": str(tmp_path / "cache"),
+                             "extra": extra}, None)
+    assert "/lm_head/MatMul" in sliced and (len(sliced) > 1) == (head == "float-source")
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (outs["light"] / name).read_bytes() == (outs["builder"] / name).read_bytes(), name
+    model = onnx.load(outs["light"] / "model.onnx", load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
+    assert model.producer_version == f"{onnxruntime_genai.__version__}+{onnxruntime_genai.__commit__[:7]}"
+
+
 def test_static_shapes(tiny_model, tmp_path):
     folder = tiny_model("llama")
     dynamic = convert(folder, ["onnx:fp32"], tmp_path / "dyn", verify=False).artifacts[0]
