@@ -70,7 +70,7 @@ def adapt_config(config) -> list[str]:
     return changed
 
 
-COLUMN_SLICE_BYTES = 64 * 2**20  # float weight a slice of columns holds while it is quantized
+COLUMN_SLICE_BYTES = 16 * 2**20  # float weight a slice of columns holds while it is quantized
 
 
 def _quantize_by_columns(graph, node, bits: int, attrs: dict) -> None:
@@ -109,6 +109,8 @@ def _quantize_by_columns(graph, node, bits: int, attrs: dict) -> None:
             raise ConversionError(f"{node.name}: ONNX Runtime's quantizer left it a {template.op_type}")
         for tensor in out.initializer:
             parts.setdefault(tensor.name, []).append(numpy_helper.to_array(tensor))
+        del one, quantizer, out, cols
+    del table  # the float32 table the builder materialized for this
     values = []
     for name in template.input[1:]:  # the quantized weight, scales and zero points, all column-major
         tensor = ir.tensor(np.concatenate(parts.pop(name), axis=0), name=name)
