@@ -10,8 +10,11 @@ processes: ``convert --to gguf:q4_k_m`` (verification on), ``profile --chunks 1`
 ``convert --to gptq:w4g128-rtn``, ``convert --to gptq:w4g128 --calib-samples 8 --calib-seqlen
 256`` and ``convert --to onnx:int4`` (quantkit's streamed RTN checkpoint, then onnxruntime-genai's
 builder on it): wall time, peak RSS (the largest process of the run) and the
-predicted peak. Prints a table and the slope of each path (MB of peak per billion parameters);
-writes benchmarks/results/scale.json and, from it, benchmarks/results/scale_peak_rss.svg.
+predicted peak. Prints a table and the slope of each path (MB of peak per billion parameters,
+over the dense shapes); writes benchmarks/results/scale.json and, from it,
+benchmarks/results/scale_peak_rss.svg. Each shape's GGUF is kept under out/bench/scale/gguf for
+``--repredict`` (the profile's prediction reads the file; 8.3 GB with ``--full``); ``--merge FILE`` puts the rows of
+another run's results file in.
 """
 
 from __future__ import annotations
@@ -199,6 +202,19 @@ def plot(result: dict) -> str:
     return svg.replace('role="img">', 'role="img"><rect width="100%" height="100%" fill="white"/>', 1) + "\n"
 
 
+def _merge(kept: list[dict], new: list[dict], results_dir: Path) -> dict:
+    """``kept`` rows with those of ``new`` put in (a shape's path replaced), written with the
+    slopes and the plot."""
+    done = {(r["shape"], r["path"]) for r in new}
+    rows = sorted([r for r in kept if (r["shape"], r["path"]) not in done] + new,
+                  key=lambda r: (list(SHAPES).index(r["shape"]), list(PATHS).index(r["path"])))
+    result = {"rows": rows, "cpu_count": os.cpu_count()}
+    result["slopes"] = slopes(result)
+    write_results(NAME, result)
+    (results_dir / PLOT).write_text(plot(result), encoding="utf-8")
+    return result
+
+
 def sections(result: dict) -> dict[str, str]:
     return {"table": table(result), "slopes": slope_table(result)}
 
@@ -210,9 +226,13 @@ def main() -> None:
                     "existing results (their rows replaced)")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "scale")
+    ap.add_argument("--merge", type=Path, default=None, help="merge the rows of another results file of this "
+                    "benchmark into the existing results (their shape's path replaced); measure nothing")
     ap.add_argument("--repredict", action="store_true", help="recompute the predicted peaks of the existing results "
                     "with the current memory model (the checkpoints must still be under --out); measure nothing")
     args = ap.parse_args()
+    if args.merge and not args.merge.is_file():
+        raise SystemExit(f"{args.merge}: no such results file")
     if args.repredict:
         return repredict(args.out)
     shapes = args.shapes.split(",") if args.shapes else [*DEFAULT_SHAPES, *(["llama-3.1-8b"] if args.full else [])]
@@ -222,16 +242,12 @@ def main() -> None:
     existing = results_dir / f"{NAME}.json"
     # with --shapes, the other shapes' rows are kept; the results are written after each shape,
     # so a run cut short keeps what it measured
-    kept = json.loads(existing.read_text())["rows"] if args.shapes and existing.is_file() else []
-    for name in shapes:
-        new = run_shape(name, paths, args.out)
-        done = {(r["shape"], r["path"]) for r in new}
-        kept = [r for r in kept if (r["shape"], r["path"]) not in done] + new
-        rows = sorted(kept, key=lambda r: (list(SHAPES).index(r["shape"]), list(PATHS).index(r["path"])))
-        result = {"rows": rows, "cpu_count": os.cpu_count()}
-        result["slopes"] = slopes(result)
-        write_results(NAME, result)
-        (results_dir / PLOT).write_text(plot(result), encoding="utf-8")
+    kept = json.loads(existing.read_text())["rows"] if (args.shapes or args.merge) and existing.is_file() else []
+    if args.merge:  # rows measured by another run of this script (e.g. with $QUANTKIT_BENCH_RESULTS elsewhere)
+        result = _merge(kept, json.loads(args.merge.read_text())["rows"], results_dir)
+    for name in [] if args.merge else shapes:
+        result = _merge(kept, run_shape(name, paths, args.out), results_dir)
+        kept = result["rows"]
     print(f"\n{table(result)}\n\n{slope_table(result)}")
     print(json.dumps(result["slopes"], indent=1))
 

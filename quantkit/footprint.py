@@ -53,6 +53,9 @@ _OTHER_QUANTIZED_BITS = 8.5  # an unlisted quantized GGUF type: at most q8_0's
 _GGUF_BITS = {"q2_k": 2.96, "q3_k_s": 3.5, "q3_k_l": 4.27, "q4_k_s": 4.58, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q5_k_s": 5.54,
               "iq4_nl": 4.5, "iq4_xs": 4.25, "iq3_m": 3.66, "iq3_s": 3.44, "iq3_xs": 3.3, "iq3_xxs": 3.06, "iq2_m": 2.7,
               "iq2_s": 2.5, "iq2_xs": 2.31, "iq2_xxs": 2.06, "iq1_m": 1.75}
+#: bytes per output-head parameter at the builder's peak (the float32 table and the column pass
+#: quantizing it), untied and tied: fitted on the 0.5B, 1.5B and 3B shapes (benchmark 10)
+BUILDER_HEAD_BYTES, BUILDER_TIED_HEAD_BYTES = 4.6, 9.8
 #: peak bytes per parameter of onnxruntime-genai's builder writing onnx:int4 from a float16
 #: checkpoint, measured on the Qwen2.5-0.5B shape (4,568 MB for 0.49B parameters, libraries apart)
 ONNX_BYTES_PER_PARAM = 8.3
@@ -195,20 +198,22 @@ def _gptq_phase(shape: ModelShape, recipe: Recipe) -> dict[str, int]:
 
 
 def _builder_prequantized(shape: ModelShape, checkpoint: Recipe) -> dict[str, int]:
-    """onnxruntime-genai's builder on quantkit's GPTQ checkpoint (traced on the Qwen2.5-0.5B and
-    1.5B shapes): it loads the whole checkpoint (4-bit Linears, float16 tables), repacks the Linears
-    as ``MatMulNBits`` (4-bit codes, float32 scales on the CPU) next to float32 embedding and head
-    tables, and at its peak serializes that graph into one in-memory proto (a second copy of every
-    tensor) while the float32 table being written is copied once more, before the head is quantized."""
+    """onnxruntime-genai's builder on quantkit's GPTQ checkpoint, in its own process (traced on
+    the Qwen2.5-0.5B shape, fitted on the 0.5B, 1.5B and 3B ones): it loads the whole checkpoint
+    (4-bit Linears, float16 tables), which its graph's deferred tensors keep until they are
+    written, repacks the Linears as ``MatMulNBits`` (4-bit codes, float32 scales on the CPU; an
+    untied embedding becomes a float32 table), and
+    at its peak quantkit's column pass (:mod:`quantkit.formats.onnx.builder`) quantizes the
+    output head from the float32 table the builder materializes for it (a tied head's costs more:
+    the embedding's lookup is made from the same table)."""
     from .formats.gptq import parse_scheme
 
     group = parse_scheme(checkpoint.scheme).group_size
     tables = shape.embedding_params * (1 if shape.tied else 2)
     linear = shape.params - tables
-    checkpoint_bytes = int(linear * (0.5 + 2.5 / group)) + 2 * tables
-    graph = int(linear * (0.5 + 4.5 / group)) + 4 * tables
-    return {"builder_checkpoint": checkpoint_bytes, "builder_graph_and_proto": 2 * graph,
-            "builder_table_copy": 4 * shape.embedding_params}
+    return {"builder_checkpoint": int(linear * (0.5 + 2.5 / group)) + 2 * tables,
+            "builder_graph": int(linear * (0.5 + 4.5 / group)) + (0 if shape.tied else 4 * shape.embedding_params),
+            "builder_head": int((BUILDER_TIED_HEAD_BYTES if shape.tied else BUILDER_HEAD_BYTES) * shape.embedding_params)}
 
 
 def predict_convert_peak(source: Source, recipe: Recipe, *, verify: bool = True, verify_tokens: int = 2048,

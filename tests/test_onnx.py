@@ -140,12 +140,13 @@ def test_int4_is_quantkits_streamed_gptq_checkpoint(tiny_model, tmp_path, gptq_r
     assert "com.microsoft::MatMulNBits" in _summary(onnx_art)["operators"]
 
 
-@pytest.mark.parametrize("arch, head", [("qwen2", "same"), ("gemma3", "same"), ("qwen2", "int8"), ("llama", "float-source")])
+@pytest.mark.parametrize("arch, head", [("qwen2", "same"), ("gemma3", "same"), ("qwen2", "int8"), ("qwen2", "float"),
+                                        ("llama", "float-source")])
 def test_builder_quantizes_float_weights_without_a_graph_copy_same_bytes(tiny_model, tmp_path, monkeypatch, arch, head):
     """quantkit's replacement of the builder's last quantization pass (column slices on one-node
     models, the rest of the graph kept out of the protobuf) writes the bytes the builder's own
-    pass writes: untied and tied heads, an int8 head, and a float source (every Linear quantized
-    there); the graph is stamped with onnxruntime-genai's own commit, not the checkout's."""
+    pass writes: untied and tied heads, an int8 head, a float (excluded) head, and a float source
+    (every Linear quantized there); the graph is stamped with onnxruntime-genai's own commit, not the checkout's."""
     import sys
 
     import onnx
@@ -161,6 +162,8 @@ def test_builder_quantizes_float_weights_without_a_graph_copy_same_bytes(tiny_mo
     extra = {"block_size": "16" if head == "float-source" else "32"}
     if head == "int8":
         extra.update(matmul_mixed_precision="last_matmul:int8", shared_embeddings="false")
+    elif head == "float":
+        extra["nodes_to_exclude"] = "/lm_head/MatMul"
     model_cls = sys.modules["builders.base"].Model
     sliced = []
     by_columns = ours._quantize_by_columns
@@ -173,12 +176,12 @@ def test_builder_quantizes_float_weights_without_a_graph_copy_same_bytes(tiny_mo
         outs[way] = tmp_path / way
         ours.build_in_child({"folder": str(folder), "out": str(outs[way]), "precision": "int4", "cache": str(tmp_path / "cache"),
                              "extra": extra}, None)
-    assert "/lm_head/MatMul" in sliced and (len(sliced) > 1) == (head == "float-source")
+    assert ("/lm_head/MatMul" in sliced) == (head != "float") and (len(sliced) > 1) == (head == "float-source")
     for name in ("model.onnx", "model.onnx.data"):
         assert (outs["light"] / name).read_bytes() == (outs["builder"] / name).read_bytes(), name
     model = onnx.load(outs["light"] / "model.onnx", load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
-    assert "MatMulNBits" in ops and "MatMul" not in ops
+    assert "MatMulNBits" in ops and ("MatMul" in ops) == (head == "float")
     assert model.producer_version == f"{onnxruntime_genai.__version__}+{onnxruntime_genai.__commit__[:7]}"
 
 

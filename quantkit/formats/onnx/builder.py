@@ -17,8 +17,9 @@ builder does not read itself, without patching it:
   quantkit's child replaces that one step (:func:`light_to_nbits`): each float ``MatMul`` weight
   is quantized by the same quantizer a slice of output columns at a time (its blocks run along
   the input dimension of one column, so the slices' results, joined, are the whole one's), and
-  the rest of the pass sees a graph holding only the weights it may quantize; the result has the
-  builder's nodes, names, order and bytes (tested against the builder's own pass).
+  the rest of the pass sees a graph holding only the weights it may quantize; for the builds
+  quantkit makes (int4 or int8 heads, tied or not, GPTQ or float input) the files are the builder's
+  own, byte for byte (tested against its pass).
 
 Its input may be quantkit's own GPTQ checkpoint (``int4-gptq``): the builder turns the packed
 GPTQ weights into ``MatMulNBits`` blocks as they are (its pre-quantized input).
@@ -141,21 +142,27 @@ def light_to_nbits(model_cls) -> None:
 
     @functools.wraps(original)
     def to_nbits(self):
-        if getattr(self, "exact_quant_overrides", None) or getattr(self, "quantization_algo", "default") != "default":
+        # the CPU builds quantkit makes; exact overrides, the neural-compressor algorithms and the
+        # CUDA weight prepacking (which rewrites every MatMulNBits weight) keep the builder's pass
+        if (getattr(self, "exact_quant_overrides", None) or getattr(self, "quantization_algo", "default") != "default"
+                or getattr(self, "ep", "cpu") != "cpu"):
             return original(self)
         graph, attrs = self.model.graph, self.quant_attrs
         custom = getattr(self, "int4_customized_weight_config", None) or {}
-        if not attrs["use_qdq"]:
+        excluded = set(attrs["nodes_to_exclude"])
+        if not attrs["use_qdq"] and "MatMul" in attrs["op_types_to_quantize"]:
             for node in list(graph):
                 weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
                 if (weight is None or weight.const_value is None or len(weight.const_value.shape) != 2
-                        or node.name in attrs["nodes_to_exclude"] or "MatMul" not in attrs["op_types_to_quantize"]
+                        or node.name in excluded or len(weight.uses()) > 1
                         or weight.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16)):
                     continue
                 _quantize_by_columns(graph, node, int(custom.get(node.name, {}).get("bits", attrs["bits"])), attrs)
+        # what the builder's pass may still quantize: its op types, and the nodes its per-node bits
+        # name (ONNX Runtime includes those whatever their type); not the excluded ones
         kinds = set(attrs["op_types_to_quantize"])
-        wanted = {node.inputs[0 if node.op_type == "Gather" else 1].name
-                  for node in graph if node.op_type in kinds and len(node.inputs) > 1}
+        wanted = {node.inputs[0 if node.op_type == "Gather" else 1].name for node in graph
+                  if (node.op_type in kinds or node.name in custom) and node.name not in excluded and len(node.inputs) > 1}
         order = list(graph.initializers)
         kept = {name: graph.initializers[name] for name in order if name not in wanted}
         for name in kept:
@@ -205,7 +212,11 @@ def build_in_child(args: dict, reporter) -> dict:
     except ImportError as exc:
         raise ConversionError(f"ONNX decoders need onnxruntime-genai's model builder ({exc})") from exc
     # the builder imports its modules as top-level ``builders``
-    model_cls = sys.modules["builders.base"].Model
+    base = sys.modules.get("builders.base")
+    if base is None or not hasattr(base, "Model"):
+        raise ConversionError(f"onnxruntime-genai's builder ({builder_version()}) is laid out differently from the "
+                              "version quantkit supports (no builders.base.Model)")
+    model_cls = base.Model
     light_to_nbits(model_cls)
     # the builder stamps the graph with `git rev-parse HEAD` run beside its own files, which, with
     # a virtual environment inside a git checkout, is that checkout's commit: the bytes would
