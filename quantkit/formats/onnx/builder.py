@@ -4,13 +4,14 @@ attention, ``GroupQueryAttention`` on the CPU, ``MatMulNBits`` int4/int8 weights
 
 The builder is called through its Python API in a child process (``isolate``): it loads the
 whole model, and ONNX Runtime's quantizers underneath are native code. quantkit adapts what the
-builder does not read itself, without patching it:
+builder does not read itself around it, and replaces two of its methods in that child process
+only (the last two points):
 
 * transformers 5 keeps Gemma 3's RoPE settings per layer type (``rope_parameters:
   {full_attention: ..., sliding_attention: ...}``); the builder expects the flat
   ``rope_theta`` / ``rope_local_base_freq`` of transformers 4, so they are set on the loaded config;
 * no Hugging Face token lookups (``hf_token=false``) and no remote code;
-* memory: before writing, the builder quantizes the graph's remaining float weights (from a
+* memory (``Model.to_nbits``): before writing, the builder quantizes the graph's remaining float weights (from a
   GPTQ checkpoint, the output head) with ONNX Runtime's ``MatMulNBitsQuantizer`` on a protobuf
   copy of the whole graph, whose float32 head the quantizer copies again and again (at 0.5B
   parameters the step added 1.9 GB to a 1.1 GB process; at 8B it would not fit 24 GB).
@@ -19,7 +20,10 @@ builder does not read itself, without patching it:
   the input dimension of one column, so the slices' results, joined, are the whole one's), and
   the rest of the pass sees a graph holding only the weights it may quantize; for the builds
   quantkit makes (int4 or int8 heads, tied or not, GPTQ or float input) the files are the builder's
-  own, byte for byte (tested against its pass).
+  own, byte for byte (tested against its pass);
+* reproducibility (``Model.get_genai_commit``): the builder stamps the graph with
+  ``git rev-parse HEAD`` run beside its installed files, which inside a git checkout (a project's
+  virtual environment) is that checkout's commit; the wheel's own commit is stamped instead.
 
 Its input may be quantkit's own GPTQ checkpoint (``int4-gptq``): the builder turns the packed
 GPTQ weights into ``MatMulNBits`` blocks as they are (its pre-quantized input).
@@ -127,11 +131,12 @@ def _quantize_by_columns(graph, node, bits: int, attrs: dict) -> None:
 
 
 def light_to_nbits(model_cls) -> None:
-    """Replace the builder's ``Model.to_nbits`` (``model_cls``, in this child process only) by one
-    that hands ONNX Runtime's quantizer a graph holding only the initializers it may quantize
-    (float weights of the ``op_types_to_quantize`` nodes), then re-attaches the others: the same
-    nodes and tensors, without the whole-graph protobuf copy. Builds with exact per-node
-    overrides or the neural-compressor algorithms (``algo_config``) keep the builder's own pass."""
+    """Replace the builder's ``Model.to_nbits`` (``model_cls``, in this child process only): float
+    ``MatMul`` weights are quantized a slice of columns at a time (:func:`_quantize_by_columns`),
+    then the builder's own pass runs on a graph holding only the initializers it may still
+    quantize and the others are re-attached: the same nodes and tensors, without the whole-graph
+    protobuf copy. Non-CPU builds, exact per-node overrides and the neural-compressor algorithms
+    (``algo_config``) keep the builder's own pass."""
     import functools
 
     import onnx_ir as ir
