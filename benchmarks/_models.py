@@ -50,12 +50,17 @@ SHAPES = {
 }
 
 
+def shaped_folder(work: Path, name: str) -> Path:
+    """Where :func:`random_shaped` writes the checkpoint of ``name``."""
+    return work / f"{name}-random-f16"
+
+
 def random_shaped(work: Path, name: str, seed: int = 0) -> Path:
     """An HF folder with the architecture and tensor shapes of ``name`` (``SHAPES``) and random
     float16 weights, written tensor by tensor (building it holds one tensor), with a real
     byte-level BPE tokenizer whose few hundred tokens sit in an embedding padded to the real
     vocabulary, as real Qwen2.5 checkpoints pad 151,665 tokens to 151,936 rows."""
-    out = work / f"{name}-random-f16"
+    out = shaped_folder(work, name)
     if (out / "config.json").is_file():
         return out
     import json

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _measure import machine, markdown_table, measure, write_results  # noqa: E402
-from _models import SHAPES, random_shaped  # noqa: E402
+from _models import SHAPES, random_shaped, shaped_folder  # noqa: E402
 
 NAME = "scale"
 PLOT = "scale_peak_rss.svg"
@@ -54,10 +54,19 @@ def _artifact_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "manifest.json")
 
 
-def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
+def _predicted(path: str, source, gguf_file: Path | None) -> dict:
+    """quantkit's predicted peak for ``path`` on ``source`` (the profile path: of ``gguf_file``)."""
     from quantkit.footprint import predict_convert_peak, predict_profile_peak
-    from quantkit.profile.run import locate_artifact
     from quantkit.recipe import parse_recipe
+
+    if path == "profile":
+        return predict_profile_peak(gguf_file, source, chunks=1)
+    options = {"calib_samples": 8, "calib_seqlen": 256} if path == "gptq" else {}
+    return predict_convert_peak(source, parse_recipe(PATHS[path][0], options))
+
+
+def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
+    from quantkit.profile.run import locate_artifact
     from quantkit.source import resolve_source
 
     quantkit = str(Path(sys.executable).with_name("quantkit"))
@@ -73,13 +82,10 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
         if path == "profile":
             if gguf_artifact is None:
                 raise SystemExit("the profile path needs the gguf path first (--paths gguf,profile,...)")
-            gguf_file = locate_artifact(gguf_artifact)[1]
             cmd = [quantkit, "-q", "profile", str(gguf_artifact), *extra, "--json", str(out / "profile.json")]
-            predicted = predict_profile_peak(gguf_file, source, chunks=1)
         else:
             cmd = [quantkit, "-q", "convert", str(source_dir), "--to", recipe, *extra, "-o", str(out)]
-            options = {"calib_samples": 8, "calib_seqlen": 256} if path == "gptq" else {}
-            predicted = predict_convert_peak(source, parse_recipe(recipe, options))
+        predicted = _predicted(path, source, locate_artifact(gguf_artifact)[1] if path == "profile" else None)
         print(f"{name}: {LABELS[path]} ...", flush=True)
         before = set(out.iterdir()) if out.is_dir() else set()
         row = {"shape": name, "params": params, "weights_bytes": weights, "path": path, "machine": machine(),
@@ -123,27 +129,20 @@ def _fit(xs: list[float], ys: list[float]) -> float:
 
 
 def repredict(work: Path) -> None:
-    from quantkit.footprint import predict_convert_peak, predict_profile_peak
     from quantkit.profile.run import locate_artifact
-    from quantkit.recipe import parse_recipe
     from quantkit.source import resolve_source
 
     path = Path(os.environ.get("QUANTKIT_BENCH_RESULTS", REPO / "benchmarks" / "results")) / f"{NAME}.json"
     result = json.loads(path.read_text())
     for r in result["rows"]:
-        if not (work / f"{r['shape']}-random-f16" / "config.json").is_file():
+        folder, kept = shaped_folder(work, r["shape"]), _kept_gguf(work, r["shape"])
+        if not (folder / "config.json").is_file():
             print(f"{r['shape']}: no checkpoint under {work}; its predictions are left as they were")
             continue
-        source = resolve_source(str(random_shaped(work, r["shape"])))
-        recipe, _ = PATHS[r["path"]]
-        if r["path"] == "profile":
-            kept = _kept_gguf(work, r["shape"])
-            if not (kept / "manifest.json").is_file():
-                print(f"{r['shape']}: no GGUF kept under {kept}; its profile prediction is left as it was")
-                continue
-            predicted = predict_profile_peak(locate_artifact(kept)[1], source, chunks=1)
-        else:
-            predicted = predict_convert_peak(source, parse_recipe(recipe, {"calib_samples": 8, "calib_seqlen": 256} if r["path"] == "gptq" else {}))
+        if r["path"] == "profile" and not (kept / "manifest.json").is_file():
+            print(f"{r['shape']}: no GGUF kept under {kept}; its profile prediction is left as it was")
+            continue
+        predicted = _predicted(r["path"], resolve_source(str(folder)), locate_artifact(kept)[1] if r["path"] == "profile" else None)
         r["predicted_peak_bytes"], r["predicted_terms"] = predicted["total_bytes"], predicted["terms"]
     result = {k: v for k, v in result.items() if k not in ("benchmark", "machine", "date")}
     write_results(NAME, result)
@@ -248,9 +247,10 @@ def main() -> None:
     kept = json.loads(existing.read_text())["rows"] if (args.shapes or args.merge) and existing.is_file() else []
     if args.merge:  # rows measured by another run of this script (e.g. with $QUANTKIT_BENCH_RESULTS elsewhere)
         result = _merge(kept, json.loads(args.merge.read_text())["rows"], results_dir)
-    for name in [] if args.merge else shapes:
-        result = _merge(kept, run_shape(name, paths, args.out), results_dir)
-        kept = result["rows"]
+    else:
+        for name in shapes:
+            result = _merge(kept, run_shape(name, paths, args.out), results_dir)
+            kept = result["rows"]
     print(f"\n{table(result)}\n\n{slope_table(result)}")
     print(json.dumps(result["slopes"], indent=1))
 

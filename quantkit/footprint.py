@@ -207,11 +207,10 @@ def _gptq_phase(shape: ModelShape, recipe: Recipe) -> dict[str, int]:
 
 def _builder_prequantized(shape: ModelShape, checkpoint: Recipe) -> dict[str, int]:
     """onnxruntime-genai's builder on quantkit's GPTQ checkpoint, in its own process (traced on
-    the Qwen2.5-0.5B shape, fitted on the 0.5B, 1.5B and 3B ones): it loads the whole checkpoint
+    the Qwen2.5-0.5B shape, fitted on the 0.5B, 1.5B, 3B and 8B ones): it loads the whole checkpoint
     (4-bit Linears, float16 tables), which its graph's deferred tensors keep until they are
     written, repacks the Linears as ``MatMulNBits`` (4-bit codes, float32 scales on the CPU; an
-    untied embedding becomes a float32 table), and
-    at its peak quantkit's column pass (:mod:`quantkit.formats.onnx.builder`) quantizes the
+    untied embedding becomes a float32 table), and at its peak quantkit's column pass (:mod:`quantkit.formats.onnx.builder`) quantizes the
     output head from the float32 table the builder materializes for it (a tied head's costs more:
     the embedding's lookup is made from the same table)."""
     from .formats.gptq import parse_scheme

@@ -83,7 +83,6 @@ def _quantize_by_columns(graph, node, bits: int, attrs: dict) -> None:
     ONNX Runtime's default quantizer makes of it, quantizing its weight a slice of output columns
     at a time on one-node models."""
     import numpy as np
-    import onnx
     import onnx_ir as ir
     from onnx import helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -103,7 +102,7 @@ def _quantize_by_columns(graph, node, bits: int, attrs: dict) -> None:
             [helper.make_tensor_value_info("A", elem, ["s", k])], [helper.make_tensor_value_info("Y", elem, ["s", cols.shape[1]])],
             initializer=[numpy_helper.from_array(cols, weight.name)])
         quantizer = MatMulNBitsQuantizer(
-            onnx.helper.make_model(one, opset_imports=[helper.make_opsetid("", 21)]), bits=bits,
+            helper.make_model(one, opset_imports=[helper.make_opsetid("", 21)]), bits=bits,
             block_size=attrs["matmul_block_size"], is_symmetric=attrs["is_symmetric"],
             accuracy_level=attrs["accuracy_level"], quant_format=QuantFormat.QOperator,
             op_types_to_quantize=("MatMul",), algo_config=None)
