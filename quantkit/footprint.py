@@ -271,8 +271,8 @@ def predict_profile_peak(artifact: Path, source: Source, *, chunks: int = 1, ctx
     """Predicted peak of ``profile`` of the GGUF file ``artifact``, the larger of its two phases:
     the quality pass (the runtime loaded, the reference over every domain's windows in one pass,
     reduced to top-k as each window's logits come, then the runtime scoring) and the latency
-    worker (its own process: llama.cpp as users run it, the file mapped, with the profiler's
-    own memory model, :mod:`quantkit.profile.memory`)."""
+    worker (its own process: llama.cpp loading the file, with the profiler's own memory model,
+    :mod:`quantkit.profile.memory`)."""
     from .profile.memory import predicted_terms
     from .runtimes.llamacpp import LlamaCppRuntime
 

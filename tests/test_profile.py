@@ -110,22 +110,3 @@ def test_report_validates_against_the_shipped_schema(artifacts):
     del broken["quality"]["domains"]["code"]["kld_mean"]
     with pytest.raises(QuantkitError, match="kld_mean"):
         validate_report(broken)
-
-
-def test_repack_bytes_follow_the_host_simd(monkeypatch):
-    from types import SimpleNamespace
-
-    from quantkit.runtimes import llamacpp
-
-    def t(name, kind, shape, n):
-        return SimpleNamespace(name=name, tensor_type=SimpleNamespace(name=kind), shape=shape, n_bytes=n)
-
-    tensors = [t("blk.0.ffn_down.weight", "Q4_K", (1024, 640), 100), t("blk.0.attn_q.weight", "Q4_0", (640, 1024), 10),
-               t("token_embd.weight", "Q4_0", (640, 4096), 1000), t("blk.0.attn_k.weight", "Q8_0", (640, 256), 7),
-               t("blk.0.odd.weight", "Q4_0", (640, 12), 3)]
-    monkeypatch.setattr(llamacpp, "_cpu_flags", lambda: {"avx2", "fma"})
-    assert llamacpp._repack_bytes(tensors) == 110  # not the embedding, not Q8_0, not rows % 8
-    monkeypatch.setattr(llamacpp, "_cpu_flags", lambda: {"asimd"})
-    assert llamacpp._repack_bytes(tensors) == 10
-    monkeypatch.setattr(llamacpp, "_cpu_flags", lambda: set())
-    assert llamacpp._repack_bytes(tensors) == 0

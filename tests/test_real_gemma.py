@@ -82,7 +82,7 @@ def test_profile_orders_q8_q4km_q2k(converted, tmp_path):
     assert q["gguf:q8_0"]["kld_mean"] < q["gguf:q4_k_m"]["kld_mean"] < q["gguf:q2_k"]["kld_mean"]
     assert q["gguf:q8_0"]["top1_agreement"] > q["gguf:q4_k_m"]["top1_agreement"] > q["gguf:q2_k"]["top1_agreement"]
     assert q["gguf:q8_0"]["tokens"] == 3 * 255
-    for rep in reports.values():  # the memory model (weights + repack + vocab + KV + compute)
+    for rep in reports.values():  # the memory model (weights read once + vocab + KV + compute)
         assert abs(rep["memory"]["predicted_error_pct"]) < 15, rep["memory"]
         assert 0 < rep["host"]["decode_roofline_fraction"] < 1.5
     # the host estimate calibrated on another artifact's run is compared with a measurement in

@@ -118,6 +118,7 @@ def test_bundle_of_a_gguf(qwen_gguf, tiny_model, tmp_path):
     run = (out / "run.sh").read_text()
     assert f"llama-server -m model/{qwen_gguf.main_file.name} -ngl {fit['n_gpu_layers']} -c {fit['ctx']}" in run
     assert f"--n_gpu_layers {fit['n_gpu_layers']} --n_ctx {fit['ctx']}" in run
+    assert fit["all_layers_on_gpu"] and "mmap" not in run  # the GPU holds every weight: llama.cpp's default mapping
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM ./model/{qwen_gguf.main_file.name}\n")
     assert f"PARAMETER num_ctx {fit['ctx']}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
@@ -172,6 +173,9 @@ def test_bundle_is_served_by_llama_cpp_server(qwen_gguf, tiny_model, tmp_path):
 
     bundle = tmp_path / "bundle"
     api.ship(qwen_gguf.path, "laptop-x86-8gb", bundle)
+    # the CPU runs every weight: read, not mapped (a mapped file's repacked weights stay resident twice)
+    run = (bundle / "run.sh").read_text()
+    assert " --no-mmap " in run and " --use_mmap false " in run
     with served_bundle(bundle) as post:
         messages = [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare."},
                     {"role": "user", "content": "When was it written?"}]

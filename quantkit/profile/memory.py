@@ -7,7 +7,10 @@
                                                      #   pages of the tensors it converts)
                          + tensor_bytes              # every weight is resident (mmap or copy)
                          + repack_bytes              # weights a backend copies into another
-                                                     #   layout at load (llama.cpp CPU_REPACK)
+                                                     #   layout beside them (ONNX Runtime's
+                                                     #   prepacked MatMulNBits; llama.cpp
+                                                     #   reads its file, so its CPU_REPACK
+                                                     #   copy replaces the read weights)
                          + runtime_overhead_bytes    # vocabulary tables (llama.cpp's, or an
                                                      #   HF tokenizer's), output buffers
                          + kv_cache_bytes_per_token * ctx

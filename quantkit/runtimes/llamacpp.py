@@ -17,32 +17,6 @@ from .hf import linear_params
 __all__ = ["LlamaCppRuntime", "check_loads"]
 
 _VOCAB_BYTES_PER_TOKEN = 192
-# ggml's CPU backend copies these weight types into an interleaved layout at load time
-# (ggml-cpu/repack.cpp, "CPU_REPACK" buffer) when the host has the SIMD the kernels need, and
-# the mapped file pages are read as well: the copy is extra resident memory
-_REPACKED_TYPES = {"avx2": {"Q4_0", "Q4_K", "IQ4_NL"}, "asimd": {"Q4_0", "IQ4_NL"}}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _repack_bytes(tensors) -> int:
-    flags = _cpu_flags()
-    types = set().union(*(t for f, t in _REPACKED_TYPES.items() if f in flags))
-    return sum(
-        int(t.n_bytes)
-        for t in tensors
-        # the embedding table is only looked up by row (get_rows), never repacked
-        if t.tensor_type.name in types and len(t.shape) == 2 and t.shape[1] % 8 == 0 and t.name != "token_embd.weight"
-    )
 
 
 @register_runtime("gguf")
@@ -74,11 +48,13 @@ class LlamaCppRuntime:
                 n_batch=n_ctx,
                 n_ubatch=n_ctx,
                 logits_all=logits_all,
-                # scoring (logits_all: verification, quality) runs beside the float reference: a
-                # mapped model whose Q4_0/Q4_K weights ggml repacks keeps both the file's pages
-                # and the copy resident (1.5 GB extra for a 3B q4_k_m), a read model only the copy;
-                # timed generation maps, as llama.cpp does by default
-                use_mmap=not logits_all,
+                # read, not mapped: ggml's CPU backend copies Q4_0/Q4_K/IQ4_NL weights into its
+                # interleaved layout at load ("CPU_REPACK", on AVX2/NEON hosts) and a mapped
+                # file's pages of them stay resident beside the copy (llama.cpp issue #16761:
+                # 1.7x the file for a q4_k_m); read, every weight is resident once, repacked or
+                # not, at the same decode speed. The profile measures what a host needs for the
+                # weights (what quantkit.hardware.fit counts), and ship's lines say --no-mmap
+                use_mmap=False,
                 n_threads=threads or os.cpu_count(),
                 seed=0,
                 verbose=verbose,
@@ -180,7 +156,6 @@ class LlamaCppRuntime:
             # bytes a decode step reads: every weight, except the embedding table when the
             # output head is separate (then only one row of it is looked up per token)
             "bytes_read_per_token": sum(names.values()) - (0 if tied else embd) - idle_bytes,
-            "repack_bytes": _repack_bytes(reader.tensors),
             # the vocabulary's in-memory tables (token text, score and attributes, the
             # text->id hash map, the piece cache, the loader's copy of the GGUF arrays: about
             # 192 bytes a token) and the output buffer of one float32 logits row

@@ -182,6 +182,13 @@ def _commands(fmt: str, main: str, summary: dict[str, Any], manifest: dict[str, 
             comments.append(f"llama-cpp-python's server would keep n_ctx x n_vocab logits for logprobs "
                             f"({summary['python_server_logits_bytes'] / 2**30:.1f} GiB at -c {layers['ctx']}): off in its line "
                             "(requests cannot ask for logprobs); a shorter --n_ctx with --logits_all true brings them back")
+        # weights the CPU runs are read, not mapped: ggml repacks Q4_0/Q4_K/IQ4_NL weights for its
+        # CPU kernels and a mapped file's pages of them would stay resident beside the copy
+        # (llama.cpp #16761), which the fit above does not count
+        if not fit["all_layers_on_gpu"]:
+            server.append("--no-mmap")
+        if not layers["all_layers_on_gpu"]:
+            python += ["--use_mmap", "false"]
         if fit.get("n_cpu_moe"):
             server += ["--n-cpu-moe", str(fit["n_cpu_moe"])]
             comments.append("llama-cpp-python's server and Ollama cannot keep experts in RAM: their lines use the best "
