@@ -76,12 +76,14 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
     weights = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
     out = work / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)
-    rows, gguf_artifact = [], None
+    rows, gguf_artifact, kept = [], None, _kept_gguf(work, name)
     for path in paths:
         recipe, extra = PATHS[path]
         if path == "profile":
+            if gguf_artifact is None and (kept / "manifest.json").is_file():
+                gguf_artifact = kept  # the gguf path's artifact of an earlier run of this shape
             if gguf_artifact is None:
-                raise SystemExit("the profile path needs the gguf path first (--paths gguf,profile,...)")
+                raise SystemExit("the profile path needs the gguf path first (--paths gguf,profile,...) or its kept artifact")
             cmd = [quantkit, "-q", "profile", str(gguf_artifact), *extra, "--json", str(out / "profile.json")]
         else:
             cmd = [quantkit, "-q", "convert", str(source_dir), "--to", recipe, *extra, "-o", str(out)]
@@ -108,8 +110,7 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
         rows.append({**row, "wall_s": wall, "peak_rss_bytes": peak, "artifact_bytes": artifact})
         if folder is not None and path != "gguf":  # the disk is needed for the next paths
             shutil.rmtree(folder, ignore_errors=True)
-    if gguf_artifact is not None:  # kept for --repredict: the profile's prediction reads the file
-        kept = _kept_gguf(work, name)
+    if gguf_artifact not in (None, kept):  # kept for --repredict: the profile's prediction reads the file
         shutil.rmtree(kept, ignore_errors=True)
         kept.parent.mkdir(parents=True, exist_ok=True)
         gguf_artifact.rename(kept)
@@ -226,7 +227,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="add Llama-3.1-8B's shape (16 GB on disk)")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {', '.join(SHAPES)}; merged into the "
                     "existing results (their rows replaced)")
-    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)}")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {', '.join(PATHS)} (profile without gguf profiles the GGUF an earlier "
+                    "run of the shape kept)")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "bench" / "scale")
     ap.add_argument("--merge", type=Path, default=None, help="merge the rows of another results file of this "
                     "benchmark into the existing results (their shape's path replaced); measure nothing")
