@@ -52,8 +52,8 @@ class LlamaCppRuntime:
                 # interleaved layout at load ("CPU_REPACK", on AVX2/NEON hosts) and a mapped
                 # file's pages of them stay resident beside the copy (llama.cpp issue #16761:
                 # 1.7x the file for a q4_k_m); read, every weight is resident once, repacked or
-                # not, at the same decode speed. The profile measures what a host needs for the
-                # weights (what quantkit.hardware.fit counts), and ship's lines say --no-mmap
+                # not. The profile measures what a host needs for the weights (what
+                # quantkit.hardware.fit counts), and ship's lines say --no-mmap
                 use_mmap=False,
                 n_threads=threads or os.cpu_count(),
                 seed=0,
