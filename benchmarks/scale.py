@@ -80,8 +80,9 @@ def run_shape(name: str, paths: list[str], work: Path) -> list[dict]:
     for path in paths:
         recipe, extra = PATHS[path]
         if path == "profile":
-            if gguf_artifact is None and (kept / "manifest.json").is_file():
+            if "gguf" not in paths and (kept / "manifest.json").is_file():
                 gguf_artifact = kept  # the gguf path's artifact of an earlier run of this shape
+                print(f"{name}: profiling the GGUF kept by an earlier run, {kept}", flush=True)
             if gguf_artifact is None:
                 raise SystemExit("the profile path needs the gguf path first (--paths gguf,profile,...) or its kept artifact")
             cmd = [quantkit, "-q", "profile", str(gguf_artifact), *extra, "--json", str(out / "profile.json")]

@@ -135,8 +135,9 @@ def _compare(shape: ModelShape, window: int, n_ctx: int, llama: bool, llama_wind
     if llama:  # output buffer, compute buffer (one ubatch: the logits and the tensors before them)
         # and llama-cpp-python's scores: four windows of logits resident in verification, three in
         # the profiler's quality pass when it has just computed the reference (a source's first
-        # profile: 0.5B, 1.5B and 3B shapes -1 % to -2 %; with the reference cached, two: the
-        # 8B row's +9 %); the extra windows are not explained yet
+        # profile; fitted on the 0.5B, 1.5B and 3B shapes, -17 % to -10 % with two; with the
+        # reference cached, the 8B row is +9 %); the extra windows are not explained yet (not
+        # freed heap: malloc_trim after the reference pass leaves the 0.5B peak as it was)
         kv = 2 * shape.n_layers * shape.n_head_kv * shape.head_dim * n_ctx * 2
         return logits + llama_windows * n_ctx * shape.vocab * 4 + kv + divergence
     return 2 * logits + divergence  # the float32 model's output and the reference's

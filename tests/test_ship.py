@@ -234,3 +234,24 @@ def test_bundle_of_an_imatrix_quantization_ships_the_matrix(tiny_model, tmp_path
     card = (tmp_path / "b" / "README.md").read_text()
     assert "- imatrix" in card.split("---")[1] and "2 windows of 32 tokens" in card and "model/imatrix.gguf" in card
     assert "model/imatrix.gguf" in (tmp_path / "b" / "SHA256SUMS").read_text()
+
+
+def test_run_lines_read_the_weights_the_cpu_runs():
+    """--no-mmap wherever the CPU runs weights (ggml repacks them; a mapped file's pages of them
+    would stay resident beside the copy): a CPU split, experts kept in RAM; never for a GPU that
+    holds every weight."""
+    from quantkit.ship import _commands
+
+    def lines(fit, layers):
+        summary = {"fit": fit, "fit_layers_only": layers, "profile": "p", "python_server_logits_all": True}
+        server, _, python = _commands("gguf", "m.gguf", summary, {"files": []})["lines"][1:4]
+        return server, python
+
+    gpu = {"n_gpu_layers": 29, "ctx": 4096, "kv_type": "f16", "all_layers_on_gpu": True, "n_cpu_moe": 0}
+    split = {**gpu, "n_gpu_layers": 20, "all_layers_on_gpu": False}
+    server, python = lines(gpu, gpu)
+    assert "mmap" not in server and "mmap" not in python
+    server, python = lines(split, split)
+    assert " --no-mmap" in server and " --use_mmap false" in python
+    server, python = lines({**gpu, "n_cpu_moe": 2}, split)  # experts in RAM: every layer offloaded, experts on the CPU
+    assert " --no-mmap" in server and "--n-cpu-moe 2" in server and " --use_mmap false" in python

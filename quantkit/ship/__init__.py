@@ -184,8 +184,9 @@ def _commands(fmt: str, main: str, summary: dict[str, Any], manifest: dict[str, 
                             "(requests cannot ask for logprobs); a shorter --n_ctx with --logits_all true brings them back")
         # weights the CPU runs are read, not mapped: ggml repacks Q4_0/Q4_K/IQ4_NL weights for its
         # CPU kernels and a mapped file's pages of them would stay resident beside the copy
-        # (llama.cpp #16761), which the fit above does not count
-        if not fit["all_layers_on_gpu"]:
+        # (llama.cpp #16761), which the fit above does not count; experts kept in RAM
+        # (--n-cpu-moe) are such weights even when every layer is offloaded
+        if not fit["all_layers_on_gpu"] or fit.get("n_cpu_moe"):
             server.append("--no-mmap")
         if not layers["all_layers_on_gpu"]:
             python += ["--use_mmap", "false"]
