@@ -163,6 +163,12 @@ def _modelfile(main: str, summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_runs_weights(fit: dict[str, Any]) -> bool:
+    """Whether a split leaves weights to the CPU: layers not offloaded, or experts kept in RAM
+    (``--n-cpu-moe``, even with every layer offloaded)."""
+    return not fit["all_layers_on_gpu"] or bool(fit.get("n_cpu_moe"))
+
+
 def _commands(fmt: str, main: str, summary: dict[str, Any], manifest: dict[str, Any]) -> dict[str, list[str]]:
     """Command lines that run the artifact as fitted (GGUF) or as its runtime expects."""
     path = f"model/{main}"
@@ -184,11 +190,10 @@ def _commands(fmt: str, main: str, summary: dict[str, Any], manifest: dict[str, 
                             "(requests cannot ask for logprobs); a shorter --n_ctx with --logits_all true brings them back")
         # weights the CPU runs are read, not mapped: ggml repacks Q4_0/Q4_K/IQ4_NL weights for its
         # CPU kernels and a mapped file's pages of them would stay resident beside the copy
-        # (llama.cpp #16761), which the fit above does not count; experts kept in RAM
-        # (--n-cpu-moe) are such weights even when every layer is offloaded
-        if not fit["all_layers_on_gpu"] or fit.get("n_cpu_moe"):
+        # (llama.cpp #16761), which the fit does not count
+        if _cpu_runs_weights(fit):
             server.append("--no-mmap")
-        if not layers["all_layers_on_gpu"]:
+        if _cpu_runs_weights(layers):
             python += ["--use_mmap", "false"]
         if fit.get("n_cpu_moe"):
             server += ["--n-cpu-moe", str(fit["n_cpu_moe"])]
